@@ -1,0 +1,342 @@
+//! The `ratify-participant` daemon: the sled key-value store behind the Participant and
+//! Kv gRPC services. Settings come from flags, then `RATIFY_PARTICIPANT_*` environment
+//! variables, then a TOML file (`--config`), then defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use ratify_proto::v1::coordinator_client::CoordinatorClient;
+use ratify_proto::v1::kv_server::KvServer;
+use ratify_proto::v1::participant_server::ParticipantServer;
+use serde::Deserialize;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info};
+
+use crate::kv::service::{Enlistment, KvService};
+use crate::kv::{KvLimits, SledStore};
+use crate::runtime::{Runtime, RuntimeConfig, connect_lazy};
+use crate::service::ParticipantService;
+
+/// Command-line flags. Every setting can also come from the environment or the TOML file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ratify-participant",
+    version,
+    about = "A Ratify participant: a transactional key-value store over sled, served over gRPC."
+)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the long flag names, with `_`).
+    #[arg(long, env = "RATIFY_PARTICIPANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port; the bound address is printed).
+    #[arg(long, env = "RATIFY_PARTICIPANT_LISTEN")]
+    pub listen: Option<String>,
+    /// Directory for the sled database.
+    #[arg(long, env = "RATIFY_PARTICIPANT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This participant's name, as the coordinator's registry knows it.
+    #[arg(long, env = "RATIFY_PARTICIPANT_NAME")]
+    pub name: Option<String>,
+    /// The coordinator's endpoint, e.g. http://127.0.0.1:7400.
+    #[arg(long, env = "RATIFY_PARTICIPANT_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// The endpoint the coordinator should dial for this participant (default: the bound
+    /// listen address).
+    #[arg(long, env = "RATIFY_PARTICIPANT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// A branch prepared this long asks the coordinator for its outcome (milliseconds).
+    #[arg(long, env = "RATIFY_PARTICIPANT_TERMINATION_DEADLINE_MS")]
+    pub termination_deadline_ms: Option<u64>,
+    /// Cap of the termination protocol's backoff (milliseconds).
+    #[arg(long, env = "RATIFY_PARTICIPANT_TERMINATION_BACKOFF_MAX_MS")]
+    pub termination_backoff_max_ms: Option<u64>,
+    /// Largest prepare payload (bytes).
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// Most branches prepared at once.
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_PREPARED")]
+    pub max_prepared: Option<usize>,
+    /// Largest key (bytes).
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_KEY_BYTES")]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value (bytes).
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_VALUE_BYTES")]
+    pub max_value_bytes: Option<usize>,
+    /// Most operations in one branch.
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_OPS_PER_BRANCH")]
+    pub max_ops_per_branch: Option<usize>,
+    /// Most branches with staged, unprepared operations.
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_ACTIVE_BRANCHES")]
+    pub max_active_branches: Option<usize>,
+    /// Staged branches idle this long are dropped (seconds).
+    #[arg(long, env = "RATIFY_PARTICIPANT_ACTIVE_BRANCH_TIMEOUT_S")]
+    pub active_branch_timeout_s: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    name: Option<String>,
+    coordinator: Option<String>,
+    advertise: Option<String>,
+    termination_deadline_ms: Option<u64>,
+    termination_backoff_max_ms: Option<u64>,
+    max_payload_bytes: Option<usize>,
+    max_prepared: Option<usize>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_ops_per_branch: Option<usize>,
+    max_active_branches: Option<usize>,
+    active_branch_timeout_s: Option<u64>,
+}
+
+/// Settings after merging flags, environment, file and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub advertise: Option<String>,
+    pub runtime: RuntimeConfig,
+    pub limits: KvLimits,
+}
+
+impl Args {
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        let file: FileConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let runtime_defaults = RuntimeConfig::default();
+        let limit_defaults = KvLimits::default();
+        let runtime = RuntimeConfig {
+            name: self.name.or(file.name).unwrap_or_else(|| "p1".into()),
+            coordinator: self.coordinator.or(file.coordinator),
+            max_payload_bytes: self
+                .max_payload_bytes
+                .or(file.max_payload_bytes)
+                .unwrap_or(runtime_defaults.max_payload_bytes),
+            max_prepared: self
+                .max_prepared
+                .or(file.max_prepared)
+                .unwrap_or(runtime_defaults.max_prepared),
+            termination_deadline: self
+                .termination_deadline_ms
+                .or(file.termination_deadline_ms)
+                .map(Duration::from_millis)
+                .unwrap_or(runtime_defaults.termination_deadline),
+            termination_backoff_max: self
+                .termination_backoff_max_ms
+                .or(file.termination_backoff_max_ms)
+                .map(Duration::from_millis)
+                .unwrap_or(runtime_defaults.termination_backoff_max),
+            ..runtime_defaults
+        };
+        validate_name(&runtime.name)?;
+        let limits = KvLimits {
+            max_key_bytes: self
+                .max_key_bytes
+                .or(file.max_key_bytes)
+                .unwrap_or(limit_defaults.max_key_bytes),
+            max_value_bytes: self
+                .max_value_bytes
+                .or(file.max_value_bytes)
+                .unwrap_or(limit_defaults.max_value_bytes),
+            max_ops_per_branch: self
+                .max_ops_per_branch
+                .or(file.max_ops_per_branch)
+                .unwrap_or(limit_defaults.max_ops_per_branch),
+            max_active_branches: self
+                .max_active_branches
+                .or(file.max_active_branches)
+                .unwrap_or(limit_defaults.max_active_branches),
+            active_branch_timeout: self
+                .active_branch_timeout_s
+                .or(file.active_branch_timeout_s)
+                .map(Duration::from_secs)
+                .unwrap_or(limit_defaults.active_branch_timeout),
+        };
+        Ok(Settings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:7401".into()),
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("ratify-participant-data")),
+            advertise: self.advertise.or(file.advertise),
+            runtime,
+            limits,
+        })
+    }
+}
+
+/// Participant names: 1 to 64 characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    anyhow::ensure!(
+        ok,
+        "participant name {name:?} must be 1 to 64 characters of A-Z a-z 0-9 . _ -"
+    );
+    Ok(())
+}
+
+/// The largest gRPC message accepted: the payload limit plus room for framing.
+fn max_message_bytes(settings: &Settings) -> usize {
+    settings.runtime.max_payload_bytes.saturating_mul(2) + 64 * 1024
+}
+
+/// Runs the daemon until SIGTERM or Ctrl-C (or a fatal storage failure).
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+    let store = Arc::new(SledStore::open(&settings.data_dir, settings.limits.clone())?);
+    let runtime = Runtime::recover(store.clone(), settings.runtime.clone())
+        .await
+        .context("recovering prepared branches")?;
+
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let local: SocketAddr = listener.local_addr()?;
+    let advertised = settings
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+
+    let enlistment = match &settings.runtime.coordinator {
+        Some(endpoint) => Some(Enlistment {
+            name: settings.runtime.name.clone(),
+            advertised_endpoint: advertised.clone(),
+            coordinator: CoordinatorClient::new(
+                connect_lazy(endpoint)
+                    .with_context(|| format!("invalid coordinator endpoint {endpoint:?}"))?,
+            ),
+        }),
+        None => None,
+    };
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(runtime.clone().run_background(shutdown_rx.clone()));
+    let expiry_store = store.clone();
+    let mut expiry_shutdown = shutdown_rx.clone();
+    let expiry = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => { expiry_store.expire_idle(); }
+                _ = expiry_shutdown.changed() => return,
+            }
+        }
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<ParticipantServer<ParticipantService<SledStore>>>()
+        .await;
+
+    let max_message = max_message_bytes(&settings);
+    let participant = ParticipantServer::new(ParticipantService::new(runtime.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let kv = KvServer::new(KvService::new(runtime.clone(), enlistment))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    // The line tests and `ratify dev` read to learn the bound address.
+    println!("ratify-participant {} listening on {local}", settings.runtime.name);
+    info!(name = %settings.runtime.name, %local, %advertised, data_dir = %settings.data_dir.display(), "participant serving");
+
+    let mut fatal = runtime.fatal();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => info!("shutting down"),
+            _ = fatal.wait_for(|f| f.is_some()) => {
+                error!("stopping after a fatal storage failure");
+            }
+        }
+    };
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(1024))
+        .concurrency_limit_per_connection(1024)
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(participant)
+        .add_service(kv)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("serving gRPC")?;
+    let _ = shutdown_tx.send(true);
+    let _ = background.await;
+    let _ = expiry.await;
+    if let Some(message) = runtime.fatal().borrow().clone() {
+        anyhow::bail!("fatal storage failure: {message}");
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The binary's entry point.
+pub fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_tracing();
+    let scenario = fail::FailScenario::setup();
+    let result = (|| {
+        let settings = args.settings()?;
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(run(settings))
+    })();
+    scenario.teardown();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ratify-participant: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

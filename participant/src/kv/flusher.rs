@@ -1,0 +1,83 @@
+//! Group commit for sled: one thread runs `Db::flush()` for every waiter that arrived
+//! before the flush started, so concurrent prepares and commits share one fsync.
+//!
+//! sled's `flush_async` deadlocks under concurrent callers (upstream #1308), so every
+//! flush goes through here, off the async threads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use crate::store::StoreError;
+
+/// Counters of the flusher (for metrics and the bench).
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub flushes: AtomicU64,
+    pub waiters: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Flusher {
+    requests: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    pub stats: Arc<FlushStats>,
+    failed: Arc<AtomicBool>,
+}
+
+impl Flusher {
+    pub fn start(db: sled::Db) -> Self {
+        let (requests, receiver) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
+        let stats = Arc::new(FlushStats::default());
+        let failed = Arc::new(AtomicBool::new(false));
+        let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
+        std::thread::Builder::new()
+            .name("sled-flusher".into())
+            .spawn(move || {
+                while let Ok(first) = receiver.recv() {
+                    let mut waiters = vec![first];
+                    waiters.extend(receiver.try_iter());
+                    // After one failed fsync nothing written since can be trusted to be
+                    // durable (the kernel may have dropped the dirty pages): fail for good.
+                    let result = if thread_failed.load(Ordering::SeqCst) {
+                        Err("an earlier flush failed".to_string())
+                    } else {
+                        db.flush().map(|_| ()).map_err(|e| {
+                            thread_failed.store(true, Ordering::SeqCst);
+                            e.to_string()
+                        })
+                    };
+                    thread_stats.flushes.fetch_add(1, Ordering::Relaxed);
+                    thread_stats
+                        .waiters
+                        .fetch_add(waiters.len() as u64, Ordering::Relaxed);
+                    for waiter in waiters {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            })
+            .expect("spawning the sled flusher thread");
+        Self {
+            requests,
+            stats,
+            failed,
+        }
+    }
+
+    /// Returns once everything written to the Db before this call is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::SeqCst) {
+            return Err(StoreError::Fatal("an earlier flush failed".into()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(tx)
+            .map_err(|_| StoreError::Fatal("the flusher thread is gone".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Fatal(format!("sled flush failed: {e}"))),
+            Err(_) => Err(StoreError::Fatal("the flusher thread is gone".into())),
+        }
+    }
+}

@@ -1,0 +1,629 @@
+//! The built-in store: a transactional key-value store over sled.
+//!
+//! Layout (one sled Db, three trees):
+//! - `data`: key -> [`StoredValue`] (version + value; a delete keeps the version).
+//! - `prepared`: txn id -> [`PreparedRecord`] (the branch's evaluated writes, its lock
+//!   set and its metadata: one insert, so atomic).
+//! - `finished`: txn id -> [`TombstoneRecord`].
+//!
+//! Operations are staged in memory under a transaction id (through the Kv service) and
+//! evaluated at prepare under key locks against committed values. Readers only ever read
+//! `data`, so a prepared-but-undecided value is never visible.
+
+pub mod eval;
+mod flusher;
+pub mod service;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message;
+use ratify_proto::TxnId;
+use ratify_proto::v1;
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+pub use self::eval::Versioned;
+use self::eval::{Rejection, Writes, show_key};
+pub use self::flusher::FlushStats;
+use self::flusher::Flusher;
+use crate::runtime::unix_ms;
+use crate::store::{
+    BranchMeta, FinishedAs, OnePhaseOutcome, PayloadDigest, PreparedBranch, Recovered,
+    ResourceManager, StoreError, StoreVote, Tombstone,
+};
+
+/// Limits of the key-value store; each violation is refused with a clear status.
+#[derive(Debug, Clone)]
+pub struct KvLimits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_ops_per_branch: usize,
+    /// Branches with staged operations, not yet prepared.
+    pub max_active_branches: usize,
+    /// A staged branch untouched this long is dropped (its prepare then votes NO).
+    pub active_branch_timeout: Duration,
+}
+
+impl Default for KvLimits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: 1024,
+            max_value_bytes: 64 * 1024,
+            max_ops_per_branch: 1000,
+            max_active_branches: 10_000,
+            active_branch_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredValue {
+    #[prost(uint64, tag = "1")]
+    version: u64,
+    #[prost(bytes = "vec", optional, tag = "2")]
+    value: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredWrite {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+    /// Unset: delete.
+    #[prost(bytes = "vec", optional, tag = "2")]
+    value: Option<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PreparedRecord {
+    #[prost(uint32, tag = "1")]
+    format: u32,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    #[prost(fixed64, tag = "3")]
+    digest: u64,
+    #[prost(uint64, tag = "4")]
+    incarnation: u64,
+    #[prost(uint64, tag = "5")]
+    prepared_at_unix_ms: u64,
+    #[prost(message, repeated, tag = "6")]
+    writes: Vec<StoredWrite>,
+    /// Every key the branch locks: its writes and its checks.
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    lock_keys: Vec<Vec<u8>>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct TombstoneRecord {
+    /// 1 committed, 2 aborted, 3 read-only.
+    #[prost(uint32, tag = "1")]
+    finished_as: u32,
+    #[prost(fixed64, optional, tag = "2")]
+    digest: Option<u64>,
+    #[prost(uint64, tag = "3")]
+    finished_at_unix_ms: u64,
+}
+
+const RECORD_FORMAT: u32 = 1;
+
+impl TombstoneRecord {
+    fn new(finished_as: FinishedAs, digest: Option<PayloadDigest>) -> Self {
+        Self {
+            finished_as: match finished_as {
+                FinishedAs::Committed => 1,
+                FinishedAs::Aborted => 2,
+                FinishedAs::ReadOnly => 3,
+            },
+            digest: digest.map(|d| d.0),
+            finished_at_unix_ms: unix_ms(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ActiveBranch {
+    ops: Vec<v1::KvOp>,
+    touched: Instant,
+}
+
+/// The sled key-value store.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    data: sled::Tree,
+    prepared: sled::Tree,
+    finished: sled::Tree,
+    locks: Mutex<HashMap<Vec<u8>, TxnId>>,
+    active: Mutex<HashMap<TxnId, ActiveBranch>>,
+    /// Branches whose staged operations were dropped (timeout), so their prepare votes NO.
+    expired: Mutex<HashMap<TxnId, Instant>>,
+    flusher: Flusher,
+    limits: KvLimits,
+    incarnation: u64,
+    prepares: AtomicU64,
+}
+
+fn io(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(e.to_string())
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|e| StoreError::Io(format!("corrupt {what} record: {e}")))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store under `dir`.
+    pub fn open(dir: &Path, limits: KvLimits) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .open()
+            .map_err(|e| StoreError::Io(format!("opening sled at {}: {e}", dir.display())))?;
+        let incarnation = loop {
+            let candidate = fastrand::u64(..);
+            if candidate != 0 {
+                break candidate;
+            }
+        };
+        Ok(Self {
+            data: db.open_tree("data").map_err(io)?,
+            prepared: db.open_tree("prepared").map_err(io)?,
+            finished: db.open_tree("finished").map_err(io)?,
+            flusher: Flusher::start(db.clone()),
+            db,
+            locks: Mutex::default(),
+            active: Mutex::default(),
+            expired: Mutex::default(),
+            limits,
+            incarnation,
+            prepares: AtomicU64::new(0),
+        })
+    }
+
+    pub fn limits(&self) -> &KvLimits {
+        &self.limits
+    }
+
+    /// A random id of this process's life: branches enlisted under another incarnation
+    /// lost their staged operations in a restart.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn flush_stats(&self) -> &FlushStats {
+        &self.flusher.stats
+    }
+
+    /// Reads a key's committed value.
+    pub fn get(&self, key: &[u8]) -> Result<Versioned, StoreError> {
+        match self.data.get(key).map_err(io)? {
+            None => Ok(Versioned::default()),
+            Some(bytes) => {
+                let stored: StoredValue = decode(&bytes, "value")?;
+                Ok(Versioned {
+                    version: stored.version,
+                    value: stored.value,
+                })
+            }
+        }
+    }
+
+    /// Whether a branch has staged operations in this incarnation.
+    pub fn is_active(&self, txn_id: &TxnId) -> bool {
+        lock(&self.active).contains_key(txn_id)
+    }
+
+    /// Stages operations under a transaction id (already validated by the caller).
+    pub fn stage(&self, txn_id: TxnId, ops: Vec<v1::KvOp>) -> Result<usize, tonic::Status> {
+        let mut active = lock(&self.active);
+        if !active.contains_key(&txn_id) && active.len() >= self.limits.max_active_branches {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "{} branches already have staged operations (the limit)",
+                self.limits.max_active_branches
+            )));
+        }
+        let branch = active.entry(txn_id).or_insert_with(|| ActiveBranch {
+            ops: Vec::new(),
+            touched: Instant::now(),
+        });
+        if branch.ops.len() + ops.len() > self.limits.max_ops_per_branch {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "a branch holds at most {} operations; it has {} and {} more were sent",
+                self.limits.max_ops_per_branch,
+                branch.ops.len(),
+                ops.len()
+            )));
+        }
+        branch.ops.extend(ops);
+        branch.touched = Instant::now();
+        Ok(branch.ops.len())
+    }
+
+    /// Drops staged branches idle past the timeout. Returns how many were dropped.
+    pub fn expire_idle(&self) -> usize {
+        let timeout = self.limits.active_branch_timeout;
+        let now = Instant::now();
+        let dropped: Vec<TxnId> = {
+            let mut active = lock(&self.active);
+            let ids: Vec<TxnId> = active
+                .iter()
+                .filter(|(_, b)| now.duration_since(b.touched) > timeout)
+                .map(|(t, _)| *t)
+                .collect();
+            for id in &ids {
+                active.remove(id);
+            }
+            ids
+        };
+        let mut expired = lock(&self.expired);
+        expired.retain(|_, at| now.duration_since(*at) < timeout * 12);
+        for id in &dropped {
+            expired.insert(*id, now);
+        }
+        dropped.len()
+    }
+
+    /// Validates one operation against the limits.
+    pub fn validate_op(&self, index: usize, op: &v1::KvOp) -> Result<(), String> {
+        let op = op
+            .op
+            .as_ref()
+            .ok_or_else(|| format!("operation {index} is empty"))?;
+        let key = eval::key_of(op);
+        if key.is_empty() {
+            return Err(format!("operation {index} has an empty key"));
+        }
+        if key.len() > self.limits.max_key_bytes {
+            return Err(format!(
+                "operation {index}: key of {} bytes exceeds the limit of {} bytes",
+                key.len(),
+                self.limits.max_key_bytes
+            ));
+        }
+        if let v1::kv_op::Op::Put(put) = op {
+            if put.value.len() > self.limits.max_value_bytes {
+                return Err(format!(
+                    "operation {index}: value of {} bytes exceeds the limit of {} bytes",
+                    put.value.len(),
+                    self.limits.max_value_bytes
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every key's lock for `txn_id`, or none: a key held by another branch is a
+    /// conflict (the caller votes NO; nothing waits).
+    fn try_lock(&self, txn_id: TxnId, keys: &[Vec<u8>]) -> Result<(), Rejection> {
+        let mut locks = lock(&self.locks);
+        for key in keys {
+            if let Some(holder) = locks.get(key) {
+                if *holder != txn_id {
+                    return Err(Rejection(format!(
+                        "lock conflict on key {} (held by transaction {holder})",
+                        show_key(key)
+                    )));
+                }
+            }
+        }
+        for key in keys {
+            locks.insert(key.clone(), txn_id);
+        }
+        Ok(())
+    }
+
+    fn unlock(&self, txn_id: TxnId, keys: &[Vec<u8>]) {
+        let mut locks = lock(&self.locks);
+        for key in keys {
+            if locks.get(key) == Some(&txn_id) {
+                locks.remove(key);
+            }
+        }
+    }
+
+    /// The keys locked by `txn_id` (for tests and diagnostics).
+    pub fn locked_keys(&self, txn_id: &TxnId) -> Vec<Vec<u8>> {
+        let mut keys: Vec<Vec<u8>> = lock(&self.locks)
+            .iter()
+            .filter(|(_, t)| *t == txn_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn tombstone(&self, txn_id: TxnId, record: TombstoneRecord) -> Result<(), StoreError> {
+        self.finished
+            .insert(txn_id.as_bytes(), record.encode_to_vec())
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Gathers a branch's operations (staged + payload), checks its incarnation, locks
+    /// its keys and evaluates it. On `Ok`, the keys in the returned lock set are held.
+    fn evaluate_branch(
+        &self,
+        meta: &BranchMeta,
+        payload: &Bytes,
+    ) -> Result<Result<(Writes, Vec<Vec<u8>>), Rejection>, StoreError> {
+        let staged = lock(&self.active).remove(&meta.txn_id);
+        if meta.incarnation != 0 && meta.incarnation != self.incarnation {
+            return Ok(Err(Rejection(
+                "the participant restarted since the branch was enlisted; its staged operations are lost"
+                    .into(),
+            )));
+        }
+        if lock(&self.expired).remove(&meta.txn_id).is_some() {
+            return Ok(Err(Rejection(
+                "the branch's staged operations expired before prepare".into(),
+            )));
+        }
+        let mut ops = staged.map(|b| b.ops).unwrap_or_default();
+        if !payload.is_empty() {
+            let decoded = match v1::KvOps::decode(payload.as_ref()) {
+                Ok(decoded) => decoded,
+                Err(e) => return Ok(Err(Rejection(format!("malformed payload: {e}")))),
+            };
+            for (index, op) in decoded.ops.iter().enumerate() {
+                if let Err(message) = self.validate_op(index, op) {
+                    return Ok(Err(Rejection(message)));
+                }
+            }
+            ops.extend(decoded.ops);
+        }
+        if ops.len() > self.limits.max_ops_per_branch {
+            return Ok(Err(Rejection(format!(
+                "{} operations exceed the limit of {} per branch",
+                ops.len(),
+                self.limits.max_ops_per_branch
+            ))));
+        }
+        let mut keys: Vec<Vec<u8>> = ops
+            .iter()
+            .filter_map(|op| op.op.as_ref().map(|o| eval::key_of(o).to_vec()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        if let Err(rejection) = self.try_lock(meta.txn_id, &keys) {
+            return Ok(Err(rejection));
+        }
+        let mut read_error = None;
+        let evaluated = eval::evaluate(&ops, |key| {
+            self.get(key).unwrap_or_else(|e| {
+                read_error = Some(e);
+                Versioned::default()
+            })
+        });
+        if let Some(error) = read_error {
+            self.unlock(meta.txn_id, &keys);
+            return Err(error);
+        }
+        match evaluated {
+            Ok(writes) => Ok(Ok((writes, keys))),
+            Err(rejection) => {
+                self.unlock(meta.txn_id, &keys);
+                Ok(Err(rejection))
+            }
+        }
+    }
+
+    /// Applies writes to `data` (raising versions), drops the prepared record and writes
+    /// a Committed tombstone, in one sled transaction.
+    fn apply(&self, txn_id: TxnId, writes: &[StoredWrite], digest: u64) -> Result<(), StoreError> {
+        let tombstone =
+            TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(digest))).encode_to_vec();
+        let result: Result<(), TransactionError<String>> =
+            (&self.data, &self.prepared, &self.finished).transaction(|(data, prepared, finished)| {
+                for write in writes {
+                    let version = match data.get(&write.key)? {
+                        None => 0,
+                        Some(bytes) => StoredValue::decode(bytes.as_ref())
+                            .map_err(|e| ConflictableTransactionError::Abort(format!("corrupt value: {e}")))?
+                            .version,
+                    };
+                    let stored = StoredValue {
+                        version: version + 1,
+                        value: write.value.clone(),
+                    };
+                    data.insert(write.key.as_slice(), stored.encode_to_vec())?;
+                }
+                prepared.remove(txn_id.as_bytes().as_slice())?;
+                finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
+                Ok(())
+            });
+        result.map_err(|e| StoreError::Io(format!("applying branch {txn_id}: {e}")))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stored_writes(writes: Writes) -> Vec<StoredWrite> {
+    writes
+        .into_iter()
+        .map(|(key, value)| StoredWrite { key, value })
+        .collect()
+}
+
+impl ResourceManager for SledStore {
+    async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> Result<StoreVote, StoreError> {
+        fail::fail_point!("participant::prepare::received", |_| std::process::abort());
+        let (writes, keys) = match self.evaluate_branch(&meta, &payload)? {
+            Ok(evaluated) => evaluated,
+            Err(Rejection(reason)) => {
+                self.tombstone(
+                    meta.txn_id,
+                    TombstoneRecord::new(FinishedAs::Aborted, Some(meta.digest)),
+                )?;
+                return Ok(StoreVote::No { reason });
+            }
+        };
+        if writes.is_empty() {
+            // Reads and checks only: validated now, nothing to commit, no phase 2.
+            self.unlock(meta.txn_id, &keys);
+            self.tombstone(
+                meta.txn_id,
+                TombstoneRecord::new(FinishedAs::ReadOnly, Some(meta.digest)),
+            )?;
+            return Ok(StoreVote::ReadOnly);
+        }
+        let record = PreparedRecord {
+            format: RECORD_FORMAT,
+            epoch: meta.epoch,
+            digest: meta.digest.0,
+            incarnation: meta.incarnation,
+            prepared_at_unix_ms: unix_ms(),
+            writes: stored_writes(writes),
+            lock_keys: keys.clone(),
+        };
+        // One insert holds the results, the lock set and the metadata: atomic by itself.
+        if let Err(e) = self
+            .prepared
+            .insert(meta.txn_id.as_bytes(), record.encode_to_vec())
+        {
+            self.unlock(meta.txn_id, &keys);
+            return Err(io(e));
+        }
+        fail::fail_point!("participant::prepare::written", |_| std::process::abort());
+        // Durable before the YES leaves: after a crash, recover() returns this branch
+        // with its locks. The flusher shares this fsync with concurrent prepares.
+        self.flusher.flush().await?;
+        fail::fail_point!("participant::prepare::flushed", |_| std::process::abort());
+        self.prepares.fetch_add(1, Ordering::Relaxed);
+        Ok(StoreVote::Yes)
+    }
+
+    async fn commit(&self, txn_id: TxnId) -> Result<(), StoreError> {
+        fail::fail_point!("participant::commit::received", |_| std::process::abort());
+        let bytes = self
+            .prepared
+            .get(txn_id.as_bytes())
+            .map_err(io)?
+            .ok_or_else(|| StoreError::Io(format!("prepared record of {txn_id} is missing")))?;
+        let record: PreparedRecord = decode(&bytes, "prepared")?;
+        self.apply(txn_id, &record.writes, record.digest)?;
+        // Durable before the acknowledgement: the coordinator forgets the branch after it.
+        self.flusher.flush().await?;
+        fail::fail_point!("participant::commit::applied", |_| std::process::abort());
+        self.unlock(txn_id, &record.lock_keys);
+        Ok(())
+    }
+
+    async fn abort(&self, txn_id: TxnId) -> Result<(), StoreError> {
+        lock(&self.active).remove(&txn_id);
+        let prepared = self.prepared.get(txn_id.as_bytes()).map_err(io)?;
+        let record = match &prepared {
+            Some(bytes) => Some(decode::<PreparedRecord>(bytes, "prepared")?),
+            None => None,
+        };
+        let tombstone = TombstoneRecord::new(
+            FinishedAs::Aborted,
+            record.as_ref().map(|r| PayloadDigest(r.digest)),
+        )
+        .encode_to_vec();
+        let result: Result<(), TransactionError<String>> =
+            (&self.prepared, &self.finished).transaction(|(prepared, finished)| {
+                prepared.remove(txn_id.as_bytes().as_slice())?;
+                finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
+                Ok(())
+            });
+        result.map_err(|e| StoreError::Io(format!("aborting branch {txn_id}: {e}")))?;
+        // Not flushed: presumed abort. If this is lost in a crash the branch comes back
+        // prepared, asks the coordinator, and hears ABORTED again.
+        if let Some(record) = record {
+            self.unlock(txn_id, &record.lock_keys);
+        }
+        Ok(())
+    }
+
+    async fn commit_one_phase(
+        &self,
+        meta: BranchMeta,
+        payload: Bytes,
+    ) -> Result<OnePhaseOutcome, StoreError> {
+        let (writes, keys) = match self.evaluate_branch(&meta, &payload)? {
+            Ok(evaluated) => evaluated,
+            Err(Rejection(reason)) => {
+                self.tombstone(
+                    meta.txn_id,
+                    TombstoneRecord::new(FinishedAs::Aborted, Some(meta.digest)),
+                )?;
+                return Ok(OnePhaseOutcome::Aborted { reason });
+            }
+        };
+        let applied = self.apply(meta.txn_id, &stored_writes(writes), meta.digest.0);
+        let flushed = match applied {
+            // Durable before COMMITTED is answered.
+            Ok(()) => self.flusher.flush().await,
+            Err(e) => Err(e),
+        };
+        self.unlock(meta.txn_id, &keys);
+        flushed.map(|()| OnePhaseOutcome::Committed)
+    }
+
+    async fn recover(&self) -> Result<Recovered, StoreError> {
+        let mut recovered = Recovered::default();
+        for item in self.prepared.iter() {
+            let (key, bytes) = item.map_err(io)?;
+            let txn_id = TxnId::try_from(key.as_ref())
+                .map_err(|e| StoreError::Io(format!("corrupt prepared key: {e}")))?;
+            let record: PreparedRecord = decode(&bytes, "prepared")?;
+            // Re-take the branch's locks before serving anyone: no other branch may touch
+            // these keys until the decision arrives.
+            self.try_lock(txn_id, &record.lock_keys).map_err(|Rejection(r)| {
+                StoreError::Io(format!("two prepared branches overlap ({r}): the store is inconsistent"))
+            })?;
+            recovered.prepared.push(PreparedBranch {
+                meta: BranchMeta {
+                    txn_id,
+                    epoch: record.epoch,
+                    digest: PayloadDigest(record.digest),
+                    incarnation: record.incarnation,
+                },
+                prepared_at_unix_ms: record.prepared_at_unix_ms,
+            });
+        }
+        for item in self.finished.iter() {
+            let (key, bytes) = item.map_err(io)?;
+            let txn_id = TxnId::try_from(key.as_ref())
+                .map_err(|e| StoreError::Io(format!("corrupt tombstone key: {e}")))?;
+            let record: TombstoneRecord = decode(&bytes, "tombstone")?;
+            let finished_as = match record.finished_as {
+                1 => FinishedAs::Committed,
+                2 => FinishedAs::Aborted,
+                3 => FinishedAs::ReadOnly,
+                other => {
+                    return Err(StoreError::Io(format!(
+                        "tombstone of {txn_id} has unknown outcome {other}"
+                    )));
+                }
+            };
+            recovered.tombstones.push(Tombstone {
+                txn_id,
+                finished_as,
+                digest: record.digest.map(PayloadDigest),
+                finished_at_unix_ms: record.finished_at_unix_ms,
+            });
+        }
+        Ok(recovered)
+    }
+
+    async fn forget(&self, txn_ids: Vec<TxnId>) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for txn_id in txn_ids {
+            batch.remove(txn_id.as_bytes().as_slice());
+        }
+        self.finished.apply_batch(batch).map_err(io)
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        // Best effort on a clean shutdown; durability never depends on it.
+        let _ = self.db.flush();
+    }
+}

@@ -1,0 +1,120 @@
+//! The Kv data service of the sled participant: Get reads committed data; Stage queues
+//! operations under a transaction id, enlisting the branch with the coordinator first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ratify_proto::TxnId;
+use ratify_proto::v1;
+use ratify_proto::v1::coordinator_client::CoordinatorClient;
+use ratify_proto::v1::kv_server::Kv;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::debug;
+
+use super::SledStore;
+use crate::runtime::Runtime;
+
+/// Where the participant enlists its branches.
+#[derive(Debug, Clone)]
+pub struct Enlistment {
+    /// This participant's registered name.
+    pub name: String,
+    /// The endpoint the coordinator should dial for this participant.
+    pub advertised_endpoint: String,
+    pub coordinator: CoordinatorClient<Channel>,
+}
+
+/// The Kv service.
+#[derive(Debug, Clone)]
+pub struct KvService {
+    runtime: Arc<Runtime<SledStore>>,
+    enlistment: Option<Enlistment>,
+}
+
+impl KvService {
+    /// With `enlistment: None`, staged branches are not enlisted anywhere (a participant
+    /// driven directly through its Participant service).
+    pub fn new(runtime: Arc<Runtime<SledStore>>, enlistment: Option<Enlistment>) -> Self {
+        Self {
+            runtime,
+            enlistment,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        let key = request.into_inner().key;
+        let store = self.runtime.store();
+        if key.is_empty() || key.len() > store.limits().max_key_bytes {
+            return Err(Status::invalid_argument(format!(
+                "key must be 1 to {} bytes, got {}",
+                store.limits().max_key_bytes,
+                key.len()
+            )));
+        }
+        let value = store
+            .get(&key)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(v1::GetResponse {
+            found: value.value.is_some(),
+            value: value.value.unwrap_or_default().into(),
+            version: value.version,
+        }))
+    }
+
+    async fn stage(
+        &self,
+        request: Request<v1::StageRequest>,
+    ) -> Result<Response<v1::StageResponse>, Status> {
+        let request = request.into_inner();
+        let txn_id =
+            TxnId::try_from(&request.txn_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if request.ops.is_empty() {
+            return Err(Status::invalid_argument("no operations"));
+        }
+        let store = self.runtime.store();
+        // Validate everything before touching any state.
+        for (index, op) in request.ops.iter().enumerate() {
+            store.validate_op(index, op).map_err(Status::invalid_argument)?;
+        }
+        let _serial = self.runtime.lock_txn(&txn_id).await;
+        if let Some(state) = self.runtime.state_of(&txn_id) {
+            return Err(Status::failed_precondition(format!(
+                "transaction {txn_id} is past staging on this participant ({state:?})"
+            )));
+        }
+        if !store.is_active(&txn_id) {
+            if let Some(enlistment) = &self.enlistment {
+                // Enlist before accepting the first write: a branch the coordinator does
+                // not know would never be prepared, and its writes would silently vanish.
+                let mut client = enlistment.coordinator.clone();
+                let enlist = v1::EnlistRequest {
+                    txn_id: txn_id.to_vec().into(),
+                    participant: enlistment.name.clone(),
+                    endpoint: enlistment.advertised_endpoint.clone(),
+                    incarnation: store.incarnation(),
+                };
+                tokio::time::timeout(Duration::from_secs(5), client.enlist(enlist))
+                    .await
+                    .map_err(|_| Status::unavailable("enlisting with the coordinator timed out"))?
+                    .map_err(|status| {
+                        Status::new(
+                            status.code(),
+                            format!("the coordinator refused enlistment: {}", status.message()),
+                        )
+                    })?;
+                debug!(txn = %txn_id, "enlisted");
+            }
+        }
+        let staged = store.stage(txn_id, request.ops)?;
+        Ok(Response::new(v1::StageResponse {
+            staged: staged as u32,
+        }))
+    }
+}

@@ -1,0 +1,599 @@
+//! The participant runtime every store gets for free: per-branch ordering, tombstones,
+//! epoch fencing, limits, recovery and the termination protocol, around a
+//! [`ResourceManager`]. The protocol rules themselves live in [`crate::branch`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ratify_proto::TxnId;
+use ratify_proto::v1;
+use ratify_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::Code;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::branch::{self, BranchState, DecisionStep, OnePhaseStep, PrepareStep, Vote};
+use crate::store::{
+    BranchMeta, FinishedAs, OnePhaseOutcome, PayloadDigest, ResourceManager, StoreError,
+    StoreVote,
+};
+
+/// Settings of the runtime; every limit is configurable.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// This participant's registered name (sent with GetOutcome).
+    pub name: String,
+    /// The coordinator's endpoint for the termination protocol; `None` disables it.
+    pub coordinator: Option<String>,
+    /// Largest prepare payload accepted.
+    pub max_payload_bytes: usize,
+    /// Most branches held prepared at once; a prepare beyond it votes NO.
+    pub max_prepared: usize,
+    /// Most entries in one Prepare/Commit/Abort batch.
+    pub max_batch: usize,
+    /// A branch prepared longer than this asks the coordinator for the outcome.
+    pub termination_deadline: Duration,
+    pub termination_backoff_initial: Duration,
+    pub termination_backoff_max: Duration,
+    /// How long tombstones of finished branches are kept, and how many at most.
+    pub tombstone_retention: Duration,
+    pub max_tombstones: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            name: "participant".into(),
+            coordinator: None,
+            max_payload_bytes: 1 << 20,
+            max_prepared: 10_000,
+            max_batch: 1024,
+            termination_deadline: Duration::from_secs(10),
+            termination_backoff_initial: Duration::from_millis(500),
+            termination_backoff_max: Duration::from_secs(30),
+            tombstone_retention: Duration::from_secs(24 * 3600),
+            max_tombstones: 200_000,
+        }
+    }
+}
+
+/// The answer to one prepare entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrepareAnswer {
+    pub vote: Vote,
+    /// Set when the entry was refused (the vote is then NO).
+    pub error: Option<(Code, String)>,
+}
+
+impl PrepareAnswer {
+    fn vote(vote: Vote) -> Self {
+        Self { vote, error: None }
+    }
+
+    fn refused(code: Code, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self {
+            vote: Vote::No {
+                reason: message.clone(),
+            },
+            error: Some((code, message)),
+        }
+    }
+}
+
+/// A refused phase-2 or one-phase message.
+pub type Refused = (Code, String);
+
+#[derive(Debug)]
+struct Entry {
+    state: BranchState,
+    since_unix_ms: u64,
+    inquiry: Inquiry,
+}
+
+#[derive(Debug, Default)]
+struct Inquiry {
+    next_at: Option<Instant>,
+    backoff: Duration,
+    last: String,
+    count: u32,
+}
+
+/// A prepared branch as ListInDoubt shows it.
+#[derive(Debug, Clone)]
+pub struct InDoubt {
+    pub txn_id: TxnId,
+    pub epoch: u64,
+    pub prepared_at_unix_ms: u64,
+    pub last_inquiry: String,
+    pub inquiries: u32,
+}
+
+const STRIPES: usize = 256;
+
+/// The participant runtime around a store.
+#[derive(Debug)]
+pub struct Runtime<R> {
+    store: Arc<R>,
+    config: RuntimeConfig,
+    branches: Mutex<HashMap<TxnId, Entry>>,
+    /// Messages for one transaction are handled one at a time; striping bounds memory.
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    incarnation: u64,
+    fatal: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl<R: ResourceManager> Runtime<R> {
+    /// Recovers the store's prepared branches and tombstones and returns a runtime ready to
+    /// serve. Prepared branches re-took their locks inside `store.recover`.
+    pub async fn recover(store: Arc<R>, config: RuntimeConfig) -> Result<Arc<Self>, StoreError> {
+        let recovered = store.recover().await?;
+        let mut branches = HashMap::new();
+        for tombstone in recovered.tombstones {
+            let state = match tombstone.finished_as {
+                FinishedAs::Committed => BranchState::Committed {
+                    digest: tombstone.digest.unwrap_or(PayloadDigest(0)),
+                },
+                FinishedAs::Aborted => BranchState::Aborted {
+                    digest: tombstone.digest,
+                },
+                FinishedAs::ReadOnly => BranchState::ReadOnly {
+                    digest: tombstone.digest.unwrap_or(PayloadDigest(0)),
+                },
+            };
+            branches.insert(
+                tombstone.txn_id,
+                Entry {
+                    state,
+                    since_unix_ms: tombstone.finished_at_unix_ms,
+                    inquiry: Inquiry::default(),
+                },
+            );
+        }
+        let prepared = recovered.prepared.len();
+        for branch in recovered.prepared {
+            branches.insert(
+                branch.meta.txn_id,
+                Entry {
+                    state: BranchState::Prepared {
+                        epoch: branch.meta.epoch,
+                        digest: branch.meta.digest,
+                    },
+                    since_unix_ms: branch.prepared_at_unix_ms,
+                    // Recovered branches ask for their outcome right away: the coordinator
+                    // may have decided while this node was down.
+                    inquiry: Inquiry {
+                        next_at: Some(Instant::now()),
+                        ..Inquiry::default()
+                    },
+                },
+            );
+        }
+        info!(
+            prepared,
+            tombstones = branches.len() - prepared,
+            "participant recovered"
+        );
+        let incarnation = loop {
+            let candidate = fastrand::u64(..);
+            if candidate != 0 {
+                break candidate;
+            }
+        };
+        Ok(Arc::new(Self {
+            store,
+            config,
+            branches: Mutex::new(branches),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            incarnation,
+            fatal: tokio::sync::watch::channel(None).0,
+        }))
+    }
+
+    pub fn store(&self) -> &Arc<R> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// A random id of this process's life; branches enlisted under another incarnation lost
+    /// their staged (unprepared) operations in a restart.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Resolves with a message once the store failed in a way that forbids going on.
+    pub fn fatal(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
+    }
+
+    /// The known state of a branch (prepared or tombstoned), if any.
+    pub fn state_of(&self, txn_id: &TxnId) -> Option<BranchState> {
+        self.lock_branches().get(txn_id).map(|e| e.state)
+    }
+
+    /// Serialises every message of one transaction.
+    pub async fn lock_txn(&self, txn_id: &TxnId) -> tokio::sync::MutexGuard<'_, ()> {
+        let bytes = txn_id.as_bytes();
+        // The low bytes of a UUIDv7 are random, so they spread over the stripes.
+        let index = usize::from(bytes[15]) | (usize::from(bytes[14]) << 8);
+        self.stripes[index % STRIPES].lock().await
+    }
+
+    fn lock_branches(&self) -> std::sync::MutexGuard<'_, HashMap<TxnId, Entry>> {
+        self.branches.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, txn_id: TxnId, state: BranchState) {
+        let inquiry = match state {
+            BranchState::Prepared { .. } => Inquiry {
+                next_at: Some(Instant::now() + self.config.termination_deadline),
+                ..Inquiry::default()
+            },
+            _ => Inquiry::default(),
+        };
+        self.lock_branches().insert(
+            txn_id,
+            Entry {
+                state,
+                since_unix_ms: unix_ms(),
+                inquiry,
+            },
+        );
+    }
+
+    fn prepared_count(&self) -> usize {
+        self.lock_branches()
+            .values()
+            .filter(|e| matches!(e.state, BranchState::Prepared { .. }))
+            .count()
+    }
+
+    fn store_failed(&self, error: &StoreError) -> (Code, String) {
+        if let StoreError::Fatal(message) = error {
+            self.fatal.send_replace(Some(message.clone()));
+            return (Code::Unavailable, error.to_string());
+        }
+        match error {
+            StoreError::Refused(m) => (Code::FailedPrecondition, m.clone()),
+            _ => (Code::Unavailable, error.to_string()),
+        }
+    }
+
+    /// Handles one prepare entry.
+    pub async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
+        let span = info_span!("prepare", txn = %meta.txn_id, epoch = meta.epoch);
+        async {
+            let _serial = self.lock_txn(&meta.txn_id).await;
+            match branch::on_prepare(self.state_of(&meta.txn_id).as_ref(), &meta) {
+                PrepareStep::Answer(vote) => PrepareAnswer::vote(vote),
+                PrepareStep::Refuse(refusal) => {
+                    PrepareAnswer::refused(Code::FailedPrecondition, refusal.message())
+                }
+                PrepareStep::Execute => {
+                    if payload.len() > self.config.max_payload_bytes {
+                        return PrepareAnswer::refused(
+                            Code::InvalidArgument,
+                            format!(
+                                "payload of {} bytes exceeds the limit of {} bytes",
+                                payload.len(),
+                                self.config.max_payload_bytes
+                            ),
+                        );
+                    }
+                    if self.prepared_count() >= self.config.max_prepared {
+                        return PrepareAnswer::refused(
+                            Code::ResourceExhausted,
+                            format!(
+                                "{} branches already prepared (the limit)",
+                                self.config.max_prepared
+                            ),
+                        );
+                    }
+                    match self.store.prepare(meta, payload).await {
+                        Ok(store_vote) => {
+                            let vote = match store_vote {
+                                StoreVote::Yes => Vote::Yes,
+                                StoreVote::No { reason } => Vote::No { reason },
+                                StoreVote::ReadOnly => Vote::ReadOnly,
+                            };
+                            self.set_state(meta.txn_id, branch::after_prepare(&meta, &vote));
+                            debug!(?vote, "voted");
+                            PrepareAnswer::vote(vote)
+                        }
+                        Err(error) => {
+                            let (code, message) = self.store_failed(&error);
+                            warn!(%message, "prepare failed");
+                            PrepareAnswer::refused(code, message)
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles one commit entry.
+    pub async fn commit(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+        let span = info_span!("commit", txn = %txn_id, epoch);
+        async {
+            let _serial = self.lock_txn(&txn_id).await;
+            let state = self.state_of(&txn_id);
+            match branch::on_commit(state.as_ref(), epoch) {
+                DecisionStep::Acknowledge => Ok(()),
+                DecisionStep::Refuse(refusal) => {
+                    Err((Code::FailedPrecondition, refusal.message().to_string()))
+                }
+                DecisionStep::Execute => {
+                    self.store
+                        .commit(txn_id)
+                        .await
+                        .map_err(|e| self.store_failed(&e))?;
+                    self.set_state(txn_id, branch::after_commit(state.as_ref()));
+                    debug!("committed");
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles one abort entry.
+    pub async fn abort(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+        let span = info_span!("abort", txn = %txn_id, epoch);
+        async {
+            let _serial = self.lock_txn(&txn_id).await;
+            let state = self.state_of(&txn_id);
+            match branch::on_abort(state.as_ref(), epoch) {
+                DecisionStep::Acknowledge => Ok(()),
+                DecisionStep::Refuse(refusal) => {
+                    Err((Code::FailedPrecondition, refusal.message().to_string()))
+                }
+                DecisionStep::Execute => {
+                    self.store
+                        .abort(txn_id)
+                        .await
+                        .map_err(|e| self.store_failed(&e))?;
+                    self.set_state(txn_id, branch::after_abort(state.as_ref()));
+                    debug!("aborted");
+                    Ok(())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Handles a one-phase commit.
+    pub async fn commit_one_phase(
+        &self,
+        meta: BranchMeta,
+        payload: Bytes,
+    ) -> Result<OnePhaseOutcome, Refused> {
+        let span = info_span!("commit_one_phase", txn = %meta.txn_id);
+        async {
+            let _serial = self.lock_txn(&meta.txn_id).await;
+            match branch::on_commit_one_phase(self.state_of(&meta.txn_id).as_ref(), &meta) {
+                OnePhaseStep::Answer { committed: true } => Ok(OnePhaseOutcome::Committed),
+                OnePhaseStep::Answer { committed: false } => Ok(OnePhaseOutcome::Aborted {
+                    reason: "branch was already aborted".into(),
+                }),
+                OnePhaseStep::Refuse(refusal) => {
+                    Err((Code::FailedPrecondition, refusal.message().to_string()))
+                }
+                OnePhaseStep::Execute => {
+                    if payload.len() > self.config.max_payload_bytes {
+                        return Err((
+                            Code::InvalidArgument,
+                            format!(
+                                "payload of {} bytes exceeds the limit of {} bytes",
+                                payload.len(),
+                                self.config.max_payload_bytes
+                            ),
+                        ));
+                    }
+                    let outcome = self
+                        .store
+                        .commit_one_phase(meta, payload)
+                        .await
+                        .map_err(|e| self.store_failed(&e))?;
+                    let committed = outcome == OnePhaseOutcome::Committed;
+                    self.set_state(
+                        meta.txn_id,
+                        branch::after_commit_one_phase(&meta, committed),
+                    );
+                    Ok(outcome)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Prepared branches, oldest first, cut at `limit`; and how many there are in all.
+    pub fn in_doubt(&self, limit: usize) -> (Vec<InDoubt>, usize) {
+        let branches = self.lock_branches();
+        let mut list: Vec<InDoubt> = branches
+            .iter()
+            .filter_map(|(txn_id, e)| match e.state {
+                BranchState::Prepared { epoch, .. } => Some(InDoubt {
+                    txn_id: *txn_id,
+                    epoch,
+                    prepared_at_unix_ms: e.since_unix_ms,
+                    last_inquiry: e.inquiry.last.clone(),
+                    inquiries: e.inquiry.count,
+                }),
+                _ => None,
+            })
+            .collect();
+        let total = list.len();
+        list.sort_by_key(|b| (b.prepared_at_unix_ms, b.txn_id));
+        list.truncate(limit);
+        (list, total)
+    }
+
+    /// The termination protocol: asks the coordinator about branches prepared past the
+    /// deadline (or recovered on restart) and applies its answer, with capped, jittered
+    /// exponential backoff per branch. Also drops tombstones past retention. Runs until
+    /// `shutdown` fires.
+    pub async fn run_background(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let tick = (self.config.termination_deadline / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut client = None;
+        let mut last_gc = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+            if let Some(endpoint) = &self.config.coordinator {
+                if client.is_none() {
+                    client = connect_lazy(endpoint).map(CoordinatorClient::new);
+                }
+                if let Some(client) = &client {
+                    self.inquire_due(client.clone()).await;
+                }
+            }
+            if last_gc.elapsed() >= Duration::from_secs(1) {
+                last_gc = Instant::now();
+                self.collect_tombstones().await;
+            }
+        }
+    }
+
+    async fn inquire_due(&self, client: CoordinatorClient<tonic::transport::Channel>) {
+        let now = Instant::now();
+        let due: Vec<(TxnId, u64)> = self
+            .lock_branches()
+            .iter()
+            .filter_map(|(txn_id, e)| match e.state {
+                BranchState::Prepared { epoch, .. }
+                    if e.inquiry.next_at.is_some_and(|at| at <= now) =>
+                {
+                    Some((*txn_id, epoch))
+                }
+                _ => None,
+            })
+            .take(256)
+            .collect();
+        let asks = due.into_iter().map(|(txn_id, epoch)| {
+            let mut client = client.clone();
+            async move {
+                let request = v1::GetOutcomeRequest {
+                    txn_id: txn_id.to_vec().into(),
+                    participant: self.config.name.clone(),
+                };
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.get_outcome(request),
+                )
+                .await;
+                let outcome = match answer {
+                    Ok(Ok(response)) => Ok(response.into_inner().outcome()),
+                    Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                    Err(_) => Err("GetOutcome timed out".to_string()),
+                };
+                self.apply_inquiry(txn_id, epoch, outcome).await;
+            }
+        });
+        futures::future::join_all(asks).await;
+    }
+
+    async fn apply_inquiry(&self, txn_id: TxnId, epoch: u64, outcome: Result<v1::Outcome, String>) {
+        let applied = match &outcome {
+            Ok(v1::Outcome::Committed) => Some(self.commit(txn_id, epoch).await),
+            // A coordinator with no record answers ABORTED to a participant: presumed abort.
+            Ok(v1::Outcome::Aborted) => Some(self.abort(txn_id, epoch).await),
+            _ => None,
+        };
+        let note = match (&outcome, &applied) {
+            (Ok(o), Some(Ok(()))) => {
+                info!(txn = %txn_id, outcome = o.as_str_name(), "in-doubt branch resolved by the coordinator's answer");
+                return;
+            }
+            (Ok(o), Some(Err((_, e)))) => format!("{}; applying it failed: {e}", o.as_str_name()),
+            (Ok(o), None) => o.as_str_name().to_string(),
+            (Err(e), _) => e.clone(),
+        };
+        let mut branches = self.lock_branches();
+        if let Some(entry) = branches.get_mut(&txn_id) {
+            let inquiry = &mut entry.inquiry;
+            inquiry.count += 1;
+            inquiry.last = note;
+            inquiry.backoff = if inquiry.backoff.is_zero() {
+                self.config.termination_backoff_initial
+            } else {
+                (inquiry.backoff * 2).min(self.config.termination_backoff_max)
+            };
+            // Full jitter on the upper half keeps many in-doubt branches from asking in step.
+            let half = inquiry.backoff / 2;
+            let jitter = half.mul_f64(fastrand::f64());
+            inquiry.next_at = Some(Instant::now() + half + jitter);
+        }
+    }
+
+    async fn collect_tombstones(&self) {
+        let retention_ms = u64::try_from(self.config.tombstone_retention.as_millis()).unwrap_or(u64::MAX);
+        let now = unix_ms();
+        let expired: Vec<TxnId> = {
+            let mut branches = self.lock_branches();
+            let mut finished: Vec<(u64, TxnId)> = branches
+                .iter()
+                .filter(|(_, e)| !matches!(e.state, BranchState::Prepared { .. }))
+                .map(|(t, e)| (e.since_unix_ms, *t))
+                .collect();
+            let over = finished.len().saturating_sub(self.config.max_tombstones);
+            finished.sort_unstable();
+            let expired: Vec<TxnId> = finished
+                .iter()
+                .enumerate()
+                .filter(|(i, (since, _))| *i < over || now.saturating_sub(*since) > retention_ms)
+                .map(|(_, (_, t))| *t)
+                .collect();
+            for txn_id in &expired {
+                branches.remove(txn_id);
+            }
+            expired
+        };
+        if !expired.is_empty() {
+            debug!(count = expired.len(), "tombstones dropped");
+            if let Err(error) = self.store.forget(expired).await {
+                warn!(%error, "dropping tombstones from the store failed");
+            }
+        }
+    }
+}
+
+/// A lazily connected channel to `endpoint` (no I/O until the first call).
+pub fn connect_lazy(endpoint: &str) -> Option<tonic::transport::Channel> {
+    match tonic::transport::Endpoint::from_shared(endpoint.to_string()) {
+        Ok(e) => Some(
+            e.connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        ),
+        Err(error) => {
+            warn!(%endpoint, %error, "invalid coordinator endpoint");
+            None
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

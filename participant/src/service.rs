@@ -1,0 +1,203 @@
+//! The gRPC Participant service: validates each request, turns wire types into domain
+//! types, and hands every batch entry to the runtime concurrently (so a store can serve
+//! a whole batch with one fsync).
+
+use std::sync::Arc;
+
+use ratify_proto::TxnId;
+use ratify_proto::v1;
+use ratify_proto::v1::participant_server::Participant;
+use tonic::{Request, Response, Status};
+
+use crate::branch::Vote;
+use crate::runtime::{Refused, Runtime};
+use crate::store::{BranchMeta, OnePhaseOutcome, PayloadDigest, ResourceManager};
+
+/// The Participant service over a runtime.
+#[derive(Debug)]
+pub struct ParticipantService<R> {
+    runtime: Arc<Runtime<R>>,
+}
+
+impl<R> ParticipantService<R> {
+    pub fn new(runtime: Arc<Runtime<R>>) -> Self {
+        Self { runtime }
+    }
+}
+
+impl<R> Clone for ParticipantService<R> {
+    fn clone(&self) -> Self {
+        Self {
+            runtime: self.runtime.clone(),
+        }
+    }
+}
+
+fn txn_id(bytes: &bytes::Bytes) -> Result<TxnId, Status> {
+    TxnId::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn branch_error(refused: Refused) -> v1::BranchError {
+    v1::BranchError {
+        code: refused.0 as i32,
+        message: refused.1,
+    }
+}
+
+impl<R: ResourceManager> ParticipantService<R> {
+    fn check_batch(&self, len: usize) -> Result<(), Status> {
+        if len == 0 {
+            return Err(Status::invalid_argument("empty batch"));
+        }
+        let max = self.runtime.config().max_batch;
+        if len > max {
+            return Err(Status::invalid_argument(format!(
+                "batch of {len} entries exceeds the limit of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Validates a whole batch of decision entries before acting on any, so a malformed
+    /// entry changes nothing.
+    fn decision_entries(
+        &self,
+        branches: &[v1::DecisionBranch],
+    ) -> Result<Vec<(TxnId, u64)>, Status> {
+        self.check_batch(branches.len())?;
+        branches
+            .iter()
+            .map(|b| Ok((txn_id(&b.txn_id)?, b.epoch)))
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl<R: ResourceManager> Participant for ParticipantService<R> {
+    async fn prepare(
+        &self,
+        request: Request<v1::PrepareRequest>,
+    ) -> Result<Response<v1::PrepareResponse>, Status> {
+        let request = request.into_inner();
+        self.check_batch(request.branches.len())?;
+        let mut entries = Vec::with_capacity(request.branches.len());
+        for branch in request.branches {
+            let meta = BranchMeta {
+                txn_id: txn_id(&branch.txn_id)?,
+                epoch: branch.epoch,
+                digest: PayloadDigest::of(&branch.payload),
+                incarnation: branch.incarnation,
+            };
+            entries.push((meta, branch.payload));
+        }
+        let answers = futures::future::join_all(
+            entries
+                .into_iter()
+                .map(|(meta, payload)| async move {
+                    (meta.txn_id, self.runtime.prepare(meta, payload).await)
+                }),
+        )
+        .await;
+        let results = answers
+            .into_iter()
+            .map(|(txn_id, answer)| {
+                let (vote, reason) = match answer.vote {
+                    Vote::Yes => (v1::Vote::Yes, String::new()),
+                    Vote::No { reason } => (v1::Vote::No, reason),
+                    Vote::ReadOnly => (v1::Vote::ReadOnly, String::new()),
+                };
+                v1::PrepareResult {
+                    txn_id: txn_id.to_vec().into(),
+                    vote: vote as i32,
+                    reason,
+                    error: answer.error.map(branch_error),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::PrepareResponse { results }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::CommitRequest>,
+    ) -> Result<Response<v1::CommitResponse>, Status> {
+        let entries = self.decision_entries(&request.into_inner().branches)?;
+        let results = futures::future::join_all(entries.into_iter().map(
+            |(txn_id, epoch)| async move {
+                v1::AckResult {
+                    txn_id: txn_id.to_vec().into(),
+                    error: self.runtime.commit(txn_id, epoch).await.err().map(branch_error),
+                }
+            },
+        ))
+        .await;
+        Ok(Response::new(v1::CommitResponse { results }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::AbortRequest>,
+    ) -> Result<Response<v1::AbortResponse>, Status> {
+        let entries = self.decision_entries(&request.into_inner().branches)?;
+        let results = futures::future::join_all(entries.into_iter().map(
+            |(txn_id, epoch)| async move {
+                v1::AckResult {
+                    txn_id: txn_id.to_vec().into(),
+                    error: self.runtime.abort(txn_id, epoch).await.err().map(branch_error),
+                }
+            },
+        ))
+        .await;
+        Ok(Response::new(v1::AbortResponse { results }))
+    }
+
+    async fn commit_one_phase(
+        &self,
+        request: Request<v1::CommitOnePhaseRequest>,
+    ) -> Result<Response<v1::CommitOnePhaseResponse>, Status> {
+        let request = request.into_inner();
+        let meta = BranchMeta {
+            txn_id: txn_id(&request.txn_id)?,
+            epoch: request.epoch,
+            digest: PayloadDigest::of(&request.payload),
+            incarnation: request.incarnation,
+        };
+        match self.runtime.commit_one_phase(meta, request.payload).await {
+            Ok(OnePhaseOutcome::Committed) => Ok(Response::new(v1::CommitOnePhaseResponse {
+                committed: true,
+                reason: String::new(),
+            })),
+            Ok(OnePhaseOutcome::Aborted { reason }) => {
+                Ok(Response::new(v1::CommitOnePhaseResponse {
+                    committed: false,
+                    reason,
+                }))
+            }
+            Err((code, message)) => Err(Status::new(code, message)),
+        }
+    }
+
+    async fn list_in_doubt(
+        &self,
+        request: Request<v1::ListInDoubtRequest>,
+    ) -> Result<Response<v1::ListInDoubtResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 1000,
+            n => n.min(100_000) as usize,
+        };
+        let (branches, total) = self.runtime.in_doubt(limit);
+        Ok(Response::new(v1::ListInDoubtResponse {
+            branches: branches
+                .into_iter()
+                .map(|b| v1::InDoubtBranch {
+                    txn_id: b.txn_id.to_vec().into(),
+                    epoch: b.epoch,
+                    prepared_at_unix_ms: b.prepared_at_unix_ms,
+                    last_inquiry: b.last_inquiry,
+                    inquiries: b.inquiries,
+                })
+                .collect(),
+            total: total as u64,
+        }))
+    }
+}
