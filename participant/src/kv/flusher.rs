@@ -21,7 +21,9 @@ pub struct FlushStats {
 
 #[derive(Debug)]
 pub struct Flusher {
-    requests: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// `None` only while dropping.
+    requests: Option<mpsc::Sender<oneshot::Sender<Result<(), String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     pub stats: Arc<FlushStats>,
     failed: Arc<AtomicBool>,
 }
@@ -32,7 +34,7 @@ impl Flusher {
         let stats = Arc::new(FlushStats::default());
         let failed = Arc::new(AtomicBool::new(false));
         let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("sled-flusher".into())
             .spawn(move || {
                 while let Ok(first) = receiver.recv() {
@@ -59,7 +61,8 @@ impl Flusher {
             })
             .expect("spawning the sled flusher thread");
         Self {
-            requests,
+            requests: Some(requests),
+            thread: Some(thread),
             stats,
             failed,
         }
@@ -72,12 +75,25 @@ impl Flusher {
         }
         let (tx, rx) = oneshot::channel();
         self.requests
+            .as_ref()
+            .ok_or_else(|| StoreError::Fatal("the flusher is stopped".into()))?
             .send(tx)
             .map_err(|_| StoreError::Fatal("the flusher thread is gone".into()))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Fatal(format!("sled flush failed: {e}"))),
             Err(_) => Err(StoreError::Fatal("the flusher thread is gone".into())),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread, which releases its handle on the Db (and
+        // with it sled's file lock) before the store's drop returns.
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
