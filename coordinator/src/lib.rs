@@ -1,0 +1,17 @@
+//! The Ratify coordinator: presumed-abort two-phase commit across participants.
+//!
+//! - [`engine`]: the transaction state machine, sans-IO (no tokio, tonic or files).
+//! - [`log`]: the [`log::DecisionLog`] seam and its local implementation, the segmented
+//!   WAL with group commit ([`log::wal`]) over a pure frame format ([`log::frame`]).
+//! - [`runtime`]: the tokio driver: feeds the engine, performs its actions (batched RPCs
+//!   per participant, log appends, timers, replies) and recovers on start.
+//! - [`registry`]: participant name -> endpoint; the only addresses ever dialled.
+//! - [`service`]: the Coordinator and Admin gRPC services.
+//! - [`daemon`]: the `ratify-coordinator` binary (config, metrics, health, reflection).
+
+pub mod daemon;
+pub mod engine;
+pub mod log;
+pub mod registry;
+pub mod runtime;
+pub mod service;

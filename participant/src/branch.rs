@@ -22,10 +22,19 @@ use crate::store::{BranchMeta, PayloadDigest};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BranchState {
     /// Voted YES; holds locks until a decision arrives.
-    Prepared { epoch: u64, digest: PayloadDigest },
-    Committed { digest: PayloadDigest },
-    Aborted { digest: Option<PayloadDigest> },
-    ReadOnly { digest: PayloadDigest },
+    Prepared {
+        epoch: u64,
+        digest: PayloadDigest,
+    },
+    Committed {
+        digest: PayloadDigest,
+    },
+    Aborted {
+        digest: Option<PayloadDigest>,
+    },
+    ReadOnly {
+        digest: PayloadDigest,
+    },
 }
 
 /// A vote as the protocol carries it.
@@ -145,9 +154,9 @@ pub fn on_abort(state: Option<&BranchState>, epoch: u64) -> DecisionStep {
         Some(BranchState::Aborted { .. }) | Some(BranchState::ReadOnly { .. }) => {
             DecisionStep::Acknowledge
         }
-        Some(BranchState::Committed { .. }) => DecisionStep::Refuse(
-            Refusal::FailedPrecondition("branch is committed; it cannot abort".into()),
-        ),
+        Some(BranchState::Committed { .. }) => DecisionStep::Refuse(Refusal::FailedPrecondition(
+            "branch is committed; it cannot abort".into(),
+        )),
     }
 }
 
@@ -156,7 +165,9 @@ pub fn on_abort(state: Option<&BranchState>, epoch: u64) -> DecisionStep {
 pub enum OnePhaseStep {
     Execute,
     /// Already finished: repeat the outcome (true: committed).
-    Answer { committed: bool },
+    Answer {
+        committed: bool,
+    },
     Refuse(Refusal),
 }
 
@@ -267,7 +278,10 @@ mod tests {
     fn duplicate_prepare_answers_the_first_vote_and_a_new_payload_is_refused() {
         let m = meta(5, 2);
         let prepared = after_prepare(&m, &Vote::Yes);
-        assert_eq!(on_prepare(Some(&prepared), &m), PrepareStep::Answer(Vote::Yes));
+        assert_eq!(
+            on_prepare(Some(&prepared), &m),
+            PrepareStep::Answer(Vote::Yes)
+        );
         assert!(matches!(
             on_prepare(Some(&prepared), &meta(6, 2)),
             PrepareStep::Refuse(_)
@@ -282,8 +296,14 @@ mod tests {
     #[test]
     fn decisions_from_an_older_epoch_are_refused() {
         let prepared = after_prepare(&meta(1, 5), &Vote::Yes);
-        assert!(matches!(on_commit(Some(&prepared), 4), DecisionStep::Refuse(_)));
-        assert!(matches!(on_abort(Some(&prepared), 4), DecisionStep::Refuse(_)));
+        assert!(matches!(
+            on_commit(Some(&prepared), 4),
+            DecisionStep::Refuse(_)
+        ));
+        assert!(matches!(
+            on_abort(Some(&prepared), 4),
+            DecisionStep::Refuse(_)
+        ));
         assert_eq!(on_commit(Some(&prepared), 5), DecisionStep::Execute);
         assert_eq!(on_commit(Some(&prepared), 6), DecisionStep::Execute);
     }
@@ -317,13 +337,22 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Msg {
-        Prepare { payload: u64, epoch: u64 },
-        Commit { epoch: u64 },
-        Abort { epoch: u64 },
+        Prepare {
+            payload: u64,
+            epoch: u64,
+        },
+        Commit {
+            epoch: u64,
+        },
+        Abort {
+            epoch: u64,
+        },
         /// The process restarts: only durable state survives. Prepared branches and
         /// committed tombstones are forced; an abort tombstone may be lost (presumed
         /// abort makes that safe), which the model covers by `lose_abort`.
-        Crash { lose_abort: bool },
+        Crash {
+            lose_abort: bool,
+        },
     }
 
     fn msg() -> impl Strategy<Value = Msg> {

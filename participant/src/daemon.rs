@@ -205,7 +205,10 @@ fn max_message_bytes(settings: &Settings) -> usize {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
-    let store = Arc::new(SledStore::open(&settings.data_dir, settings.limits.clone())?);
+    let store = Arc::new(SledStore::open(
+        &settings.data_dir,
+        settings.limits.clone(),
+    )?);
     let runtime = Runtime::recover(store.clone(), settings.runtime.clone())
         .await
         .context("recovering prepared branches")?;
@@ -258,7 +261,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .max_encoding_message_size(max_message);
 
     // The line tests and `ratify dev` read to learn the bound address.
-    println!("ratify-participant {} listening on {local}", settings.runtime.name);
+    println!(
+        "ratify-participant {} listening on {local}",
+        settings.runtime.name
+    );
     info!(name = %settings.runtime.name, %local, %advertised, data_dir = %settings.data_dir.display(), "participant serving");
 
     let mut fatal = runtime.fatal();
@@ -294,9 +300,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing the SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -15,8 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::branch::{self, BranchState, DecisionStep, OnePhaseStep, PrepareStep, Vote};
 use crate::store::{
-    BranchMeta, FinishedAs, OnePhaseOutcome, PayloadDigest, ResourceManager, StoreError,
-    StoreVote,
+    BranchMeta, FinishedAs, OnePhaseOutcome, PayloadDigest, ResourceManager, StoreError, StoreVote,
 };
 
 /// Settings of the runtime; every limit is configurable.
@@ -441,10 +440,7 @@ impl<R: ResourceManager> Runtime<R> {
     /// deadline (or recovered on restart) and applies its answer, with capped, jittered
     /// exponential backoff per branch. Also drops tombstones past retention. Runs until
     /// `shutdown` fires.
-    pub async fn run_background(
-        self: Arc<Self>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
+    pub async fn run_background(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let tick = (self.config.termination_deadline / 4)
             .clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut client = None;
@@ -494,11 +490,8 @@ impl<R: ResourceManager> Runtime<R> {
                     txn_id: txn_id.to_vec().into(),
                     participant: self.config.name.clone(),
                 };
-                let answer = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.get_outcome(request),
-                )
-                .await;
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(5), client.get_outcome(request)).await;
                 let outcome = match answer {
                     Ok(Ok(response)) => Ok(response.into_inner().outcome()),
                     Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
@@ -544,7 +537,8 @@ impl<R: ResourceManager> Runtime<R> {
     }
 
     async fn collect_tombstones(&self) {
-        let retention_ms = u64::try_from(self.config.tombstone_retention.as_millis()).unwrap_or(u64::MAX);
+        let retention_ms =
+            u64::try_from(self.config.tombstone_retention.as_millis()).unwrap_or(u64::MAX);
         let now = unix_ms();
         let expired: Vec<TxnId> = {
             let mut branches = self.lock_branches();

@@ -90,14 +90,11 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
             };
             entries.push((meta, branch.payload));
         }
-        let answers = futures::future::join_all(
-            entries
-                .into_iter()
-                .map(|(meta, payload)| async move {
-                    (meta.txn_id, self.runtime.prepare(meta, payload).await)
-                }),
-        )
-        .await;
+        let answers =
+            futures::future::join_all(entries.into_iter().map(|(meta, payload)| async move {
+                (meta.txn_id, self.runtime.prepare(meta, payload).await)
+            }))
+            .await;
         let results = answers
             .into_iter()
             .map(|(txn_id, answer)| {
@@ -122,15 +119,19 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         request: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
         let entries = self.decision_entries(&request.into_inner().branches)?;
-        let results = futures::future::join_all(entries.into_iter().map(
-            |(txn_id, epoch)| async move {
+        let results =
+            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
                 v1::AckResult {
                     txn_id: txn_id.to_vec().into(),
-                    error: self.runtime.commit(txn_id, epoch).await.err().map(branch_error),
+                    error: self
+                        .runtime
+                        .commit(txn_id, epoch)
+                        .await
+                        .err()
+                        .map(branch_error),
                 }
-            },
-        ))
-        .await;
+            }))
+            .await;
         Ok(Response::new(v1::CommitResponse { results }))
     }
 
@@ -139,15 +140,19 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         request: Request<v1::AbortRequest>,
     ) -> Result<Response<v1::AbortResponse>, Status> {
         let entries = self.decision_entries(&request.into_inner().branches)?;
-        let results = futures::future::join_all(entries.into_iter().map(
-            |(txn_id, epoch)| async move {
+        let results =
+            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
                 v1::AckResult {
                     txn_id: txn_id.to_vec().into(),
-                    error: self.runtime.abort(txn_id, epoch).await.err().map(branch_error),
+                    error: self
+                        .runtime
+                        .abort(txn_id, epoch)
+                        .await
+                        .err()
+                        .map(branch_error),
                 }
-            },
-        ))
-        .await;
+            }))
+            .await;
         Ok(Response::new(v1::AbortResponse { results }))
     }
 

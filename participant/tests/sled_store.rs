@@ -54,7 +54,9 @@ fn meta(txn_id: TxnId, payload: &Bytes) -> BranchMeta {
 
 async fn open(dir: &std::path::Path) -> Arc<Runtime<SledStore>> {
     let store = Arc::new(SledStore::open(dir, KvLimits::default()).unwrap());
-    Runtime::recover(store, RuntimeConfig::default()).await.unwrap()
+    Runtime::recover(store, RuntimeConfig::default())
+        .await
+        .unwrap()
 }
 
 async fn prepare(rt: &Runtime<SledStore>, ops: Vec<v1::KvOp>) -> (TxnId, Vote) {
@@ -85,7 +87,11 @@ async fn a_reader_never_sees_a_prepared_value_and_versions_advance_on_commit() {
 
     let (txn, vote) = prepare(&rt, vec![put("k", "new")]).await;
     assert_eq!(vote, Vote::Yes);
-    assert_eq!(value(&rt, "k"), (1, Some("old".into())), "prepared value leaked");
+    assert_eq!(
+        value(&rt, "k"),
+        (1, Some("old".into())),
+        "prepared value leaked"
+    );
 
     rt.commit(txn, 1).await.unwrap();
     assert_eq!(value(&rt, "k"), (2, Some("new".into())));
@@ -150,7 +156,10 @@ async fn prepared_branches_survive_a_reopen_with_their_locks_and_commit_once() {
     assert_eq!(list[0].txn_id, txn);
     assert_eq!(rt.store().locked_keys(&txn), vec![b"n".to_vec()]);
     let (_, vote) = prepare(&rt, vec![put("n", "9")]).await;
-    assert!(matches!(vote, Vote::No { .. }), "the recovered lock must hold");
+    assert!(
+        matches!(vote, Vote::No { .. }),
+        "the recovered lock must hold"
+    );
     rt.commit(txn, 1).await.unwrap();
     rt.commit(txn, 1).await.unwrap();
     assert_eq!(value(&rt, "n"), (2, Some("2".into())));
@@ -182,9 +191,15 @@ async fn late_and_duplicate_messages_get_consistent_answers() {
     let other = payload(vec![put("y", "2")]);
     assert!(rt.prepare(meta(txn, &other), other).await.error.is_some());
     // Commit from an older epoch than the prepare's is refused; the right one applies.
-    assert_eq!(rt.commit(txn, 0).await.unwrap_err().0, tonic::Code::FailedPrecondition);
+    assert_eq!(
+        rt.commit(txn, 0).await.unwrap_err().0,
+        tonic::Code::FailedPrecondition
+    );
     rt.commit(txn, 1).await.unwrap();
-    assert_eq!(rt.abort(txn, 1).await.unwrap_err().0, tonic::Code::FailedPrecondition);
+    assert_eq!(
+        rt.abort(txn, 1).await.unwrap_err().0,
+        tonic::Code::FailedPrecondition
+    );
     // Commit without a prepare is refused and creates nothing.
     let stray = TxnId::generate();
     assert!(rt.commit(stray, 1).await.is_err());
@@ -225,7 +240,10 @@ async fn staged_operations_of_another_incarnation_vote_no() {
     let empty = Bytes::new();
     let mut m = meta(txn, &empty);
     m.incarnation = rt.store().incarnation().wrapping_add(1);
-    assert!(matches!(rt.prepare(m, empty.clone()).await.vote, Vote::No { .. }));
+    assert!(matches!(
+        rt.prepare(m, empty.clone()).await.vote,
+        Vote::No { .. }
+    ));
 
     let txn = TxnId::generate();
     rt.store().stage(txn, vec![put("s", "1")]).unwrap();

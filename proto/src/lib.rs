@@ -67,9 +67,9 @@ impl TryFrom<&[u8]> for TxnId {
     type Error = InvalidTxnId;
 
     fn try_from(bytes: &[u8]) -> Result<Self, Self::Error> {
-        let array: [u8; 16] = bytes.try_into().map_err(|_| {
-            InvalidTxnId(format!("expected 16 bytes, got {}", bytes.len()))
-        })?;
+        let array: [u8; 16] = bytes
+            .try_into()
+            .map_err(|_| InvalidTxnId(format!("expected 16 bytes, got {}", bytes.len())))?;
         if array == [0; 16] {
             return Err(InvalidTxnId("the nil id is not a transaction".into()));
         }

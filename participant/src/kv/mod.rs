@@ -413,27 +413,35 @@ impl SledStore {
     /// Applies writes to `data` (raising versions), drops the prepared record and writes
     /// a Committed tombstone, in one sled transaction.
     fn apply(&self, txn_id: TxnId, writes: &[StoredWrite], digest: u64) -> Result<(), StoreError> {
-        let tombstone =
-            TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(digest))).encode_to_vec();
+        let tombstone = TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(digest)))
+            .encode_to_vec();
         let result: Result<(), TransactionError<String>> =
-            (&self.data, &self.prepared, &self.finished).transaction(|(data, prepared, finished)| {
-                for write in writes {
-                    let version = match data.get(&write.key)? {
-                        None => 0,
-                        Some(bytes) => StoredValue::decode(bytes.as_ref())
-                            .map_err(|e| ConflictableTransactionError::Abort(format!("corrupt value: {e}")))?
-                            .version,
-                    };
-                    let stored = StoredValue {
-                        version: version + 1,
-                        value: write.value.clone(),
-                    };
-                    data.insert(write.key.as_slice(), stored.encode_to_vec())?;
-                }
-                prepared.remove(txn_id.as_bytes().as_slice())?;
-                finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
-                Ok(())
-            });
+            (&self.data, &self.prepared, &self.finished).transaction(
+                |(data, prepared, finished)| {
+                    for write in writes {
+                        let version = match data.get(&write.key)? {
+                            None => 0,
+                            Some(bytes) => {
+                                StoredValue::decode(bytes.as_ref())
+                                    .map_err(|e| {
+                                        ConflictableTransactionError::Abort(format!(
+                                            "corrupt value: {e}"
+                                        ))
+                                    })?
+                                    .version
+                            }
+                        };
+                        let stored = StoredValue {
+                            version: version + 1,
+                            value: write.value.clone(),
+                        };
+                        data.insert(write.key.as_slice(), stored.encode_to_vec())?;
+                    }
+                    prepared.remove(txn_id.as_bytes().as_slice())?;
+                    finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
+                    Ok(())
+                },
+            );
         result.map_err(|e| StoreError::Io(format!("applying branch {txn_id}: {e}")))
     }
 }
@@ -525,8 +533,8 @@ impl ResourceManager for SledStore {
             record.as_ref().map(|r| PayloadDigest(r.digest)),
         )
         .encode_to_vec();
-        let result: Result<(), TransactionError<String>> =
-            (&self.prepared, &self.finished).transaction(|(prepared, finished)| {
+        let result: Result<(), TransactionError<String>> = (&self.prepared, &self.finished)
+            .transaction(|(prepared, finished)| {
                 prepared.remove(txn_id.as_bytes().as_slice())?;
                 finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
                 Ok(())
@@ -574,9 +582,12 @@ impl ResourceManager for SledStore {
             let record: PreparedRecord = decode(&bytes, "prepared")?;
             // Re-take the branch's locks before serving anyone: no other branch may touch
             // these keys until the decision arrives.
-            self.try_lock(txn_id, &record.lock_keys).map_err(|Rejection(r)| {
-                StoreError::Io(format!("two prepared branches overlap ({r}): the store is inconsistent"))
-            })?;
+            self.try_lock(txn_id, &record.lock_keys)
+                .map_err(|Rejection(r)| {
+                    StoreError::Io(format!(
+                        "two prepared branches overlap ({r}): the store is inconsistent"
+                    ))
+                })?;
             recovered.prepared.push(PreparedBranch {
                 meta: BranchMeta {
                     txn_id,

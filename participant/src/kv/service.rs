@@ -73,15 +73,17 @@ impl Kv for KvService {
         request: Request<v1::StageRequest>,
     ) -> Result<Response<v1::StageResponse>, Status> {
         let request = request.into_inner();
-        let txn_id =
-            TxnId::try_from(&request.txn_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let txn_id = TxnId::try_from(&request.txn_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if request.ops.is_empty() {
             return Err(Status::invalid_argument("no operations"));
         }
         let store = self.runtime.store();
         // Validate everything before touching any state.
         for (index, op) in request.ops.iter().enumerate() {
-            store.validate_op(index, op).map_err(Status::invalid_argument)?;
+            store
+                .validate_op(index, op)
+                .map_err(Status::invalid_argument)?;
         }
         let _serial = self.runtime.lock_txn(&txn_id).await;
         if let Some(state) = self.runtime.state_of(&txn_id) {

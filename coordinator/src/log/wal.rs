@@ -1,0 +1,553 @@
+//! The local decision log: segmented files of CRC32C frames, written by one thread that
+//! batches every waiting append into one write and one fdatasync (group commit).
+//!
+//! Files in the data directory:
+//! - `LOCK`: held (flock) while a coordinator uses the directory;
+//! - `epoch`: the coordinator epoch (u64 LE + CRC32C), raised on every open;
+//! - `wal-<seq>.log`: segments, `seq` contiguous; a new one starts when the current one
+//!   passes `segment_bytes`, and segments whose transactions have all ended are removed.
+//!
+//! On open a torn tail (a damaged last frame of the last segment, nothing valid after it)
+//! is cut off; any other damage makes [`Wal::open`] fail with the file and offset, so a
+//! logged decision is never skipped silently. This module uses no async runtime.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use futures::channel::oneshot;
+use ratify_proto::TxnId;
+use tracing::{info, warn};
+
+use super::frame::{self, HEADER_LEN};
+use super::{DecisionLog, LogError, LogRecord, LogStats};
+
+/// WAL settings.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// A new segment starts once the current one is at least this large.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why the log cannot be opened. Each message names the file and, for damage, the offset.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the decision log is corrupt at {path} offset {offset}: {why}. Refusing to start: \
+         records after this point may hold decisions. Restore the file, or move it aside \
+         only if you accept losing them."
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: usize,
+        why: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OpenError + '_ {
+    move |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    records: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    segments_removed: AtomicU64,
+}
+
+struct Request {
+    records: Vec<LogRecord>,
+    done: Option<oneshot::Sender<Result<(), LogError>>>,
+}
+
+/// The local write-ahead decision log.
+#[derive(Debug)]
+pub struct Wal {
+    epoch: u64,
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    recovered: Mutex<Vec<LogRecord>>,
+    counters: Arc<Counters>,
+    failed: Arc<Mutex<Option<String>>>,
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("records", &self.records.len())
+            .finish()
+    }
+}
+
+fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("wal-{seq:020}.log"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    name.strip_prefix("wal-")?
+        .strip_suffix(".log")?
+        .parse()
+        .ok()
+}
+
+/// fsyncs a directory, so a created, renamed or removed entry is durable.
+fn sync_dir(dir: &Path) -> Result<(), OpenError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn bump_epoch(dir: &Path) -> Result<u64, OpenError> {
+    let path = dir.join("epoch");
+    let previous = match fs::read(&path) {
+        Ok(bytes) => {
+            if bytes.len() != 12
+                || crc32c::crc32c(&bytes[..8])
+                    != u32::from_le_bytes(bytes[8..12].try_into().expect("4"))
+            {
+                return Err(OpenError::Corrupt {
+                    path,
+                    offset: 0,
+                    why: "the epoch file is damaged".into(),
+                });
+            }
+            u64::from_le_bytes(bytes[..8].try_into().expect("8"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(&path)(e)),
+    };
+    let epoch = previous + 1;
+    let mut bytes = epoch.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+    let tmp = dir.join("epoch.tmp");
+    {
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&bytes).map_err(io_err(&tmp))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    // The new epoch is durable before anything is stamped with it.
+    sync_dir(dir)?;
+    Ok(epoch)
+}
+
+fn create_segment(dir: &Path, seq: u64) -> Result<File, OpenError> {
+    let path = segment_path(dir, seq);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    file.write_all(&frame::segment_header())
+        .map_err(io_err(&path))?;
+    file.sync_all().map_err(io_err(&path))?;
+    // The segment's directory entry is durable before any record in it is acknowledged.
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+struct Writer {
+    dir: PathBuf,
+    options: WalOptions,
+    file: File,
+    seq: u64,
+    len: u64,
+    /// Segments on disk, oldest first.
+    segments: Vec<u64>,
+    /// Transactions with a record and no END yet -> the oldest segment holding one.
+    live: HashMap<TxnId, u64>,
+    counters: Arc<Counters>,
+    failed: Arc<Mutex<Option<String>>>,
+}
+
+impl Wal {
+    /// Opens the log in `dir` (creating it if new), repairs a torn tail, raises the epoch
+    /// and starts the writer thread.
+    pub fn open(dir: &Path, options: WalOptions) -> Result<Self, OpenError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        lock.try_lock().map_err(|_| {
+            OpenError::Invalid(format!(
+                "{} is in use by another coordinator (its LOCK is held)",
+                dir.display()
+            ))
+        })?;
+
+        let mut segments: Vec<u64> = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            if let Some(seq) = entry.file_name().to_str().and_then(parse_segment_name) {
+                segments.push(seq);
+            }
+        }
+        segments.sort_unstable();
+        for pair in segments.windows(2) {
+            if pair[1] != pair[0] + 1 {
+                return Err(OpenError::Invalid(format!(
+                    "decision log segment {} is missing (found {} then {}); refusing to start",
+                    segment_path(dir, pair[0] + 1).display(),
+                    pair[0],
+                    pair[1]
+                )));
+            }
+        }
+
+        let mut records = Vec::new();
+        let mut live: HashMap<TxnId, u64> = HashMap::new();
+        let last = segments.last().copied();
+        let mut tail_len = 0u64;
+        for &seq in &segments {
+            let path = segment_path(dir, seq);
+            let bytes = fs::read(&path).map_err(io_err(&path))?;
+            let is_last = Some(seq) == last;
+            let scan = match frame::scan_segment(&bytes) {
+                Ok(scan) => scan,
+                Err(why) if is_last && bytes.len() <= HEADER_LEN => {
+                    // Created but its header never reached the disk whole: holds nothing.
+                    warn!(path = %path.display(), %why, "rewriting the header of an empty last segment");
+                    drop(create_segment(dir, seq)?);
+                    tail_len = HEADER_LEN as u64;
+                    continue;
+                }
+                Err(why) => {
+                    return Err(OpenError::Corrupt {
+                        path,
+                        offset: 0,
+                        why,
+                    });
+                }
+            };
+            if let Some(damage) = &scan.damage {
+                if !(is_last && damage.torn_tail) {
+                    return Err(OpenError::Corrupt {
+                        path,
+                        offset: damage.offset,
+                        why: damage.why.clone(),
+                    });
+                }
+                // A write that was in flight at the crash: it was never acknowledged (the
+                // fsync that would have acknowledged it did not return), so cut it off.
+                warn!(
+                    path = %path.display(),
+                    offset = damage.offset,
+                    dropped_bytes = bytes.len() - scan.valid_len,
+                    why = %damage.why,
+                    "truncating a torn tail"
+                );
+                let file = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                file.set_len(scan.valid_len as u64).map_err(io_err(&path))?;
+                file.sync_all().map_err(io_err(&path))?;
+            }
+            for record in &scan.records {
+                track(&mut live, record, seq);
+            }
+            if is_last {
+                tail_len = scan.valid_len as u64;
+            }
+            records.extend(scan.records);
+        }
+
+        let epoch = bump_epoch(dir)?;
+        let (seq, file, len) = match last {
+            Some(seq) => {
+                let path = segment_path(dir, seq);
+                let file = OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                (seq, file, tail_len)
+            }
+            None => {
+                segments.push(1);
+                (1, create_segment(dir, 1)?, HEADER_LEN as u64)
+            }
+        };
+        info!(
+            dir = %dir.display(),
+            epoch,
+            segments = segments.len(),
+            records = records.len(),
+            unfinished = live.len(),
+            "decision log opened"
+        );
+
+        let counters = Arc::new(Counters::default());
+        let failed = Arc::new(Mutex::new(None));
+        let (requests, receiver) = mpsc::channel();
+        let mut writer = Writer {
+            dir: dir.to_path_buf(),
+            options,
+            file,
+            seq,
+            len,
+            segments,
+            live,
+            counters: counters.clone(),
+            failed: failed.clone(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| OpenError::Invalid(format!("starting the WAL writer: {e}")))?;
+        Ok(Self {
+            epoch,
+            requests: Some(requests),
+            writer: Some(writer),
+            recovered: Mutex::new(records),
+            counters,
+            failed,
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn send(&self, request: Request) -> Result<(), LogError> {
+        if let Some(message) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(LogError::Failed(message));
+        }
+        self.requests
+            .as_ref()
+            .ok_or_else(|| LogError::Failed("the log is closed".into()))?
+            .send(request)
+            .map_err(|_| LogError::Failed("the WAL writer thread is gone".into()))
+    }
+}
+
+fn track(live: &mut HashMap<TxnId, u64>, record: &LogRecord, seq: u64) {
+    match record {
+        LogRecord::End { txn } => {
+            live.remove(txn);
+        }
+        other => {
+            live.entry(other.txn()).or_insert(seq);
+        }
+    }
+}
+
+impl Writer {
+    fn run(&mut self, receiver: mpsc::Receiver<Request>) {
+        while let Ok(first) = receiver.recv() {
+            let mut batch = vec![first];
+            batch.extend(receiver.try_iter().take(65_536));
+            let result = self.write_batch(&batch);
+            if let Err(message) = &result {
+                *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            }
+            for request in batch {
+                if let Some(done) = request.done {
+                    let _ = done.send(result.clone().map_err(LogError::Failed));
+                }
+            }
+        }
+        // Closed (clean shutdown): make the unforced tail durable too.
+        let _ = self.file.sync_data();
+    }
+
+    fn write_batch(&mut self, batch: &[Request]) -> Result<(), String> {
+        if let Some(message) = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(message);
+        }
+        let records: Vec<LogRecord> = batch
+            .iter()
+            .flat_map(|r| r.records.iter().cloned())
+            .collect();
+        let mut buf = Vec::new();
+        // One frame per group commit, split only if it would pass the frame limit.
+        let mut chunk_start = 0;
+        let mut chunk_bytes = 0;
+        for (i, record) in records.iter().enumerate() {
+            let size = approximate_size(record);
+            if chunk_bytes + size > frame::MAX_FRAME_LEN / 2 && i > chunk_start {
+                frame::encode_frame(&records[chunk_start..i], &mut buf);
+                chunk_start = i;
+                chunk_bytes = 0;
+            }
+            chunk_bytes += size;
+        }
+        if chunk_start < records.len() {
+            frame::encode_frame(&records[chunk_start..], &mut buf);
+        }
+        fail::fail_point!("coordinator::wal::torn_write", |_| {
+            // Crash with half of this batch written (C4: a torn decision record).
+            let _ = self.file.write_all(&buf[..buf.len() / 2]);
+            let _ = self.file.sync_data();
+            std::process::abort()
+        });
+        self.file
+            .write_all(&buf)
+            .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
+        let forced = batch.iter().any(|r| r.done.is_some());
+        if forced {
+            self.sync()?;
+        }
+        self.len += buf.len() as u64;
+        self.counters
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("ratify_wal_batch_records").record(records.len() as f64);
+        for record in &records {
+            track(&mut self.live, record, self.seq);
+        }
+        if self.len >= self.options.segment_bytes {
+            self.roll()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        // fdatasync: the appended bytes (and the file size) are durable on return. Any
+        // failure poisons the log: after a failed fsync the kernel may have dropped the
+        // dirty pages, so retrying and going on would acknowledge lost records.
+        self.file
+            .sync_data()
+            .map_err(|e| format!("fdatasync of segment {} failed: {e}", self.seq))?;
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("ratify_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Starts a new segment and removes the ones no unfinished transaction needs.
+    fn roll(&mut self) -> Result<(), String> {
+        // Everything in the old segment (ENDs included) is durable before any segment is
+        // removed because of it.
+        self.sync()?;
+        let next = self.seq + 1;
+        self.file = create_segment(&self.dir, next).map_err(|e| e.to_string())?;
+        self.seq = next;
+        self.len = HEADER_LEN as u64;
+        self.segments.push(next);
+        let keep_from = self.live.values().copied().min().unwrap_or(next).min(next);
+        fail::fail_point!("coordinator::wal::checkpoint", |_| std::process::abort());
+        let mut removed = 0;
+        while let Some(&oldest) = self.segments.first() {
+            if oldest >= keep_from {
+                break;
+            }
+            let path = segment_path(&self.dir, oldest);
+            fs::remove_file(&path).map_err(|e| format!("removing {}: {e}", path.display()))?;
+            self.segments.remove(0);
+            removed += 1;
+        }
+        if removed > 0 {
+            sync_dir(&self.dir).map_err(|e| e.to_string())?;
+            self.counters
+                .segments_removed
+                .fetch_add(removed, Ordering::Relaxed);
+            info!(removed, keep_from, "checkpoint removed finished segments");
+        }
+        Ok(())
+    }
+}
+
+fn approximate_size(record: &LogRecord) -> usize {
+    match record {
+        LogRecord::Preparing { participants, .. } | LogRecord::Decision { participants, .. } => {
+            64 + participants
+                .iter()
+                .map(|p| p.name.len() + p.endpoint.len() + 16)
+                .sum::<usize>()
+                + match record {
+                    LogRecord::Decision { actor, reason, .. } => actor.len() + reason.len(),
+                    _ => 0,
+                }
+        }
+        LogRecord::End { .. } => 24,
+    }
+}
+
+impl DecisionLog for Wal {
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    async fn append(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+        let (done, wait) = oneshot::channel();
+        self.send(Request {
+            records,
+            done: Some(done),
+        })?;
+        wait.await
+            .map_err(|_| LogError::Failed("the WAL writer thread is gone".into()))?
+    }
+
+    fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+        self.send(Request {
+            records,
+            done: None,
+        })
+    }
+
+    fn take_recovered(&self) -> Vec<LogRecord> {
+        std::mem::take(&mut *self.recovered.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn stats(&self) -> LogStats {
+        LogStats {
+            records: self.counters.records.load(Ordering::Relaxed),
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            fsyncs: self.counters.fsyncs.load(Ordering::Relaxed),
+            segments_removed: self.counters.segments_removed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}

@@ -1,0 +1,699 @@
+//! The tokio driver of the engine. One task owns the [`Engine`] and feeds it inputs; it
+//! performs the actions that come out: RPCs (batched per participant), log appends,
+//! timers and replies. Results come back to the same task as inputs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ratify_proto::TxnId;
+use ratify_proto::v1;
+use ratify_proto::v1::participant_client::ParticipantClient;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::transport::Channel;
+use tracing::{debug, error, info, warn};
+
+use crate::engine::{
+    Action, Durable, Engine, EngineConfig, Input, Millis, OnePhaseResult, Reply, ReqId, VoteResult,
+};
+use crate::log::{DecisionLog, LogRecord};
+use crate::registry::Registry;
+
+/// Settings of the driver.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    pub engine: EngineConfig,
+    /// Deadline of one Prepare RPC.
+    pub prepare_rpc_timeout: Duration,
+    /// Deadline of one Commit/Abort/CommitOnePhase RPC.
+    pub phase2_rpc_timeout: Duration,
+    /// Most branches in one batched RPC to a participant.
+    pub max_batch: usize,
+    /// Batched RPCs in flight to one participant at once, per message kind.
+    pub max_rpcs_in_flight: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            prepare_rpc_timeout: Duration::from_secs(5),
+            phase2_rpc_timeout: Duration::from_secs(5),
+            max_batch: 256,
+            max_rpcs_in_flight: 4,
+        }
+    }
+}
+
+type Query = Box<dyn FnOnce(&Engine) + Send>;
+
+enum Command {
+    Request(Input, ReqId, oneshot::Sender<Reply>),
+    Event(Input),
+    Query(Query),
+}
+
+/// The clock the engine sees: monotonic, aligned with Unix time at start.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            start_unix_ms: unix_ms(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        self.start_unix_ms + self.start.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, at: Millis) -> tokio::time::Instant {
+        let offset = at.saturating_sub(self.start_unix_ms);
+        tokio::time::Instant::from_std(self.start + Duration::from_millis(offset))
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A cheap handle to the running coordinator.
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::UnboundedSender<Command>,
+    next_req: Arc<AtomicU64>,
+    pub registry: Arc<Registry>,
+    epoch: u64,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl Handle {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Sends a client request and waits for its reply.
+    pub async fn request(&self, make: impl FnOnce(ReqId) -> Input) -> Option<Reply> {
+        let req = ReqId(self.next_req.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Request(make(req), req, tx))
+            .ok()?;
+        rx.await.ok()
+    }
+
+    /// Runs a read-only query against the engine.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Query(Box::new(move |engine| {
+                let _ = tx.send(f(engine));
+            })))
+            .ok()?;
+        rx.await.ok()
+    }
+}
+
+struct PrepareItem {
+    txn: TxnId,
+    epoch: u64,
+    incarnation: u64,
+    payload: Bytes,
+}
+
+struct DecisionItem {
+    txn: TxnId,
+    epoch: u64,
+}
+
+/// Batching senders to one participant (at one endpoint).
+struct Outbound {
+    endpoint: String,
+    channel: Option<Channel>,
+    prepare: mpsc::UnboundedSender<PrepareItem>,
+    commit: mpsc::UnboundedSender<DecisionItem>,
+    abort: mpsc::UnboundedSender<DecisionItem>,
+}
+
+struct Driver<L> {
+    engine: Engine,
+    log: Arc<L>,
+    clock: Clock,
+    config: RuntimeConfig,
+    pending: HashMap<ReqId, oneshot::Sender<Reply>>,
+    outbound: HashMap<String, Outbound>,
+    events: mpsc::UnboundedSender<Command>,
+}
+
+/// Replays the log, recovers unfinished transactions, and starts the driver task.
+/// Nothing is served before this returns, so GetOutcome never answers from a partial
+/// replay.
+pub async fn start<L: DecisionLog>(
+    log: Arc<L>,
+    registry: Arc<Registry>,
+    config: RuntimeConfig,
+) -> Handle {
+    let clock = Clock::new();
+    let epoch = log.epoch();
+    let records = log.take_recovered();
+    for record in &records {
+        if let LogRecord::Preparing { participants, .. }
+        | LogRecord::Decision { participants, .. } = record
+        {
+            for p in participants {
+                registry.learn(&p.name, &p.endpoint);
+            }
+        }
+    }
+    let started = Instant::now();
+    let replayed = records.len();
+    let mut engine = Engine::new(config.engine.clone(), epoch);
+    let actions = engine.recover(clock.now(), records);
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let mut driver = Driver {
+        engine,
+        log,
+        clock,
+        config,
+        pending: HashMap::new(),
+        outbound: HashMap::new(),
+        events: commands.clone(),
+    };
+    fail::fail_point!("coordinator::recovery", |_| std::process::abort());
+    driver.perform(actions);
+    info!(
+        epoch,
+        replayed,
+        recovered = driver.engine.in_flight(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovery done"
+    );
+    tokio::spawn(driver.run(receiver));
+    Handle {
+        commands,
+        next_req: Arc::new(AtomicU64::new(1)),
+        registry,
+        epoch,
+    }
+}
+
+impl<L: DecisionLog> Driver<L> {
+    async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Command>) {
+        let mut gauges = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                command = receiver.recv() => {
+                    let Some(command) = command else { return };
+                    self.command(command);
+                    // Drain what is already queued before yielding (fewer wake-ups).
+                    for _ in 0..1024 {
+                        match receiver.try_recv() {
+                            Ok(command) => self.command(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = gauges.tick() => self.report_gauges(),
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Request(input, req, reply) => {
+                self.pending.insert(req, reply);
+                self.feed(input);
+            }
+            Command::Event(input) => self.feed(input),
+            Command::Query(query) => query(&self.engine),
+        }
+    }
+
+    fn feed(&mut self, input: Input) {
+        let actions = self.engine.handle(self.clock.now(), input);
+        self.perform(actions);
+    }
+
+    fn report_gauges(&self) {
+        let now = self.clock.now();
+        let mut in_doubt = 0u64;
+        let mut oldest = 0u64;
+        for t in self.engine.txns() {
+            if t.in_doubt() {
+                in_doubt += 1;
+                oldest = oldest.max(now.saturating_sub(t.started_at));
+            }
+        }
+        metrics::gauge!("ratify_in_doubt").set(in_doubt as f64);
+        metrics::gauge!("ratify_oldest_in_doubt_seconds").set(oldest as f64 / 1000.0);
+        metrics::gauge!("ratify_in_flight").set(self.engine.in_flight() as f64);
+        let stats = self.log.stats();
+        metrics::gauge!("ratify_wal_fsyncs").set(stats.fsyncs as f64);
+        metrics::gauge!("ratify_wal_batches").set(stats.batches as f64);
+        metrics::gauge!("ratify_wal_records").set(stats.records as f64);
+    }
+
+    fn perform(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::SendPrepare {
+                    txn,
+                    participant,
+                    endpoint,
+                    epoch,
+                    incarnation,
+                    payload,
+                } => {
+                    let out = self.outbound(&participant, &endpoint);
+                    let _ = out.prepare.send(PrepareItem {
+                        txn,
+                        epoch,
+                        incarnation,
+                        payload,
+                    });
+                }
+                Action::SendCommit {
+                    txn,
+                    participant,
+                    endpoint,
+                    epoch,
+                } => {
+                    let out = self.outbound(&participant, &endpoint);
+                    let _ = out.commit.send(DecisionItem { txn, epoch });
+                }
+                Action::SendAbort {
+                    txn,
+                    participant,
+                    endpoint,
+                    epoch,
+                } => {
+                    let out = self.outbound(&participant, &endpoint);
+                    let _ = out.abort.send(DecisionItem { txn, epoch });
+                }
+                Action::SendCommitOnePhase {
+                    txn,
+                    participant,
+                    endpoint,
+                    epoch,
+                    incarnation,
+                    payload,
+                } => {
+                    let channel = self.outbound(&participant, &endpoint).channel.clone();
+                    let events = self.events.clone();
+                    let timeout = self.config.phase2_rpc_timeout;
+                    tokio::spawn(async move {
+                        let result = match channel {
+                            None => OnePhaseResult::Failed {
+                                error: format!("invalid endpoint {endpoint}"),
+                            },
+                            Some(channel) => {
+                                let request = v1::CommitOnePhaseRequest {
+                                    txn_id: txn.to_vec().into(),
+                                    epoch,
+                                    payload,
+                                    incarnation,
+                                };
+                                let mut client = ParticipantClient::new(channel);
+                                match tokio::time::timeout(
+                                    timeout,
+                                    client.commit_one_phase(request),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(r)) => {
+                                        let r = r.into_inner();
+                                        if r.committed {
+                                            OnePhaseResult::Committed
+                                        } else {
+                                            OnePhaseResult::Aborted { reason: r.reason }
+                                        }
+                                    }
+                                    // A refusal is the participant's answer: it did not commit.
+                                    Ok(Err(status)) if refused_for_good(&status) => {
+                                        OnePhaseResult::Aborted {
+                                            reason: format!(
+                                                "{}: {}",
+                                                status.code(),
+                                                status.message()
+                                            ),
+                                        }
+                                    }
+                                    Ok(Err(status)) => OnePhaseResult::Failed {
+                                        error: format!("{}: {}", status.code(), status.message()),
+                                    },
+                                    Err(_) => OnePhaseResult::Failed {
+                                        error: "CommitOnePhase timed out".into(),
+                                    },
+                                }
+                            }
+                        };
+                        let _ = events.send(Command::Event(Input::OnePhase {
+                            txn,
+                            participant,
+                            result,
+                        }));
+                    });
+                }
+                Action::Append {
+                    record,
+                    force: None,
+                } => {
+                    if let Err(e) = self.log.append_unforced(vec![record]) {
+                        fatal(&e.to_string());
+                    }
+                }
+                Action::Append {
+                    record,
+                    force: Some(what),
+                } => {
+                    let txn = record.txn();
+                    let log = self.log.clone();
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        match log.append(vec![record]).await {
+                            Ok(()) => {
+                                if what == Durable::CommitDecision {
+                                    fail::fail_point!("coordinator::decision_durable", |_| {
+                                        std::process::abort()
+                                    });
+                                }
+                                let _ = events.send(Command::Event(Input::Durable { txn, what }));
+                            }
+                            Err(e) => fatal(&e.to_string()),
+                        }
+                    });
+                }
+                Action::Reply { req, reply } => {
+                    if let Some(tx) = self.pending.remove(&req) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                Action::ArmTimer { txn, timer, at } => {
+                    let events = self.events.clone();
+                    let deadline = self.clock.instant(at);
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(deadline).await;
+                        let _ = events.send(Command::Event(Input::Timer { txn, timer }));
+                    });
+                }
+                Action::Finished {
+                    txn,
+                    outcome,
+                    started_at,
+                } => {
+                    let label = match outcome {
+                        crate::engine::Outcome::Committed => "committed",
+                        _ => "aborted",
+                    };
+                    metrics::counter!("ratify_decisions_total", "outcome" => label).increment(1);
+                    let seconds = self.clock.now().saturating_sub(started_at) as f64 / 1000.0;
+                    metrics::histogram!("ratify_txn_seconds", "outcome" => label).record(seconds);
+                    debug!(%txn, outcome = label, "transaction finished");
+                }
+            }
+        }
+    }
+
+    fn outbound(&mut self, participant: &str, endpoint: &str) -> &Outbound {
+        let stale = self
+            .outbound
+            .get(participant)
+            .is_some_and(|o| o.endpoint != endpoint);
+        if stale || !self.outbound.contains_key(participant) {
+            let out = spawn_outbound(
+                participant.to_string(),
+                endpoint.to_string(),
+                self.events.clone(),
+                &self.config,
+            );
+            self.outbound.insert(participant.to_string(), out);
+        }
+        &self.outbound[participant]
+    }
+}
+
+/// A refusal the participant will repeat however often it is asked.
+fn refused_for_good(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::ResourceExhausted
+    )
+}
+
+fn fatal(message: &str) -> ! {
+    // The log can no longer promise durability. Stopping is the only safe move: a restart
+    // replays what is durable and presumed abort covers the rest.
+    error!(%message, "fatal decision-log failure; stopping");
+    eprintln!("ratify-coordinator: fatal: {message}");
+    std::process::exit(70)
+}
+
+fn spawn_outbound(
+    participant: String,
+    endpoint: String,
+    events: mpsc::UnboundedSender<Command>,
+    config: &RuntimeConfig,
+) -> Outbound {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .ok()
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .connect_lazy()
+        });
+    if channel.is_none() {
+        warn!(%participant, %endpoint, "invalid participant endpoint; its messages fail");
+    }
+    let (prepare, prepare_rx) = mpsc::unbounded_channel::<PrepareItem>();
+    let (commit, commit_rx) = mpsc::unbounded_channel::<DecisionItem>();
+    let (abort, abort_rx) = mpsc::unbounded_channel::<DecisionItem>();
+    let max_batch = config.max_batch;
+    let in_flight = config.max_rpcs_in_flight;
+
+    {
+        let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
+        let timeout = config.prepare_rpc_timeout;
+        tokio::spawn(batch_loop(
+            prepare_rx,
+            max_batch,
+            in_flight,
+            move |batch: Vec<PrepareItem>| {
+                let (channel, events, participant) =
+                    (channel.clone(), events.clone(), participant.clone());
+                async move {
+                    let txns: Vec<TxnId> = batch.iter().map(|i| i.txn).collect();
+                    let request = v1::PrepareRequest {
+                        branches: batch
+                            .into_iter()
+                            .map(|i| v1::PrepareBranch {
+                                txn_id: i.txn.to_vec().into(),
+                                epoch: i.epoch,
+                                payload: i.payload,
+                                incarnation: i.incarnation,
+                            })
+                            .collect(),
+                    };
+                    let answer = match channel {
+                        None => Err("invalid endpoint".to_string()),
+                        Some(channel) => {
+                            let mut client = ParticipantClient::new(channel);
+                            match tokio::time::timeout(timeout, client.prepare(request)).await {
+                                Ok(Ok(r)) => Ok(r.into_inner().results),
+                                Ok(Err(status)) => {
+                                    Err(format!("{}: {}", status.code(), status.message()))
+                                }
+                                Err(_) => Err("Prepare timed out".to_string()),
+                            }
+                        }
+                    };
+                    let mut votes: HashMap<TxnId, VoteResult> = HashMap::new();
+                    if let Ok(results) = &answer {
+                        for r in results {
+                            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
+                                continue;
+                            };
+                            let vote = match (v1::Vote::try_from(r.vote), &r.error) {
+                                (_, Some(e)) => VoteResult::No {
+                                    reason: format!(
+                                        "refused ({}): {}",
+                                        tonic::Code::from_i32(e.code),
+                                        e.message
+                                    ),
+                                },
+                                (Ok(v1::Vote::Yes), None) => VoteResult::Yes,
+                                (Ok(v1::Vote::ReadOnly), None) => VoteResult::ReadOnly,
+                                (Ok(v1::Vote::No), None) => VoteResult::No {
+                                    reason: r.reason.clone(),
+                                },
+                                _ => VoteResult::Failed {
+                                    error: format!("unknown vote {}", r.vote),
+                                },
+                            };
+                            votes.insert(txn, vote);
+                        }
+                    }
+                    for txn in txns {
+                        let vote = votes.remove(&txn).unwrap_or_else(|| VoteResult::Failed {
+                            error: match &answer {
+                                Err(e) => e.clone(),
+                                Ok(_) => "the participant's answer left this branch out".into(),
+                            },
+                        });
+                        let _ = events.send(Command::Event(Input::Vote {
+                            txn,
+                            participant: participant.clone(),
+                            vote,
+                        }));
+                    }
+                }
+            },
+        ));
+    }
+    for (receiver, is_commit) in [(commit_rx, true), (abort_rx, false)] {
+        let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
+        let timeout = config.phase2_rpc_timeout;
+        tokio::spawn(batch_loop(
+            receiver,
+            max_batch,
+            in_flight,
+            move |batch: Vec<DecisionItem>| {
+                let (channel, events, participant) =
+                    (channel.clone(), events.clone(), participant.clone());
+                async move {
+                    let txns: Vec<TxnId> = batch.iter().map(|i| i.txn).collect();
+                    let branches: Vec<v1::DecisionBranch> = batch
+                        .into_iter()
+                        .map(|i| v1::DecisionBranch {
+                            txn_id: i.txn.to_vec().into(),
+                            epoch: i.epoch,
+                        })
+                        .collect();
+                    let answer: Result<Vec<v1::AckResult>, String> = match channel {
+                        None => Err("invalid endpoint".to_string()),
+                        Some(channel) => {
+                            let mut client = ParticipantClient::new(channel);
+                            let call = async {
+                                if is_commit {
+                                    client
+                                        .commit(v1::CommitRequest { branches })
+                                        .await
+                                        .map(|r| r.into_inner().results)
+                                } else {
+                                    client
+                                        .abort(v1::AbortRequest { branches })
+                                        .await
+                                        .map(|r| r.into_inner().results)
+                                }
+                            };
+                            match tokio::time::timeout(timeout, call).await {
+                                Ok(Ok(results)) => Ok(results),
+                                Ok(Err(status)) => {
+                                    Err(format!("{}: {}", status.code(), status.message()))
+                                }
+                                Err(_) => Err(format!(
+                                    "{} timed out",
+                                    if is_commit { "Commit" } else { "Abort" }
+                                )),
+                            }
+                        }
+                    };
+                    let mut acks: HashMap<TxnId, Result<(), String>> = HashMap::new();
+                    if let Ok(results) = &answer {
+                        for r in results {
+                            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
+                                continue;
+                            };
+                            acks.insert(
+                                txn,
+                                match &r.error {
+                                    None => Ok(()),
+                                    Some(e) => Err(format!(
+                                        "{}: {}",
+                                        tonic::Code::from_i32(e.code),
+                                        e.message
+                                    )),
+                                },
+                            );
+                        }
+                    }
+                    for txn in txns {
+                        let result = acks.remove(&txn).unwrap_or_else(|| {
+                            Err(match &answer {
+                                Err(e) => e.clone(),
+                                Ok(_) => "the participant's answer left this branch out".into(),
+                            })
+                        });
+                        let _ = events.send(Command::Event(Input::Ack {
+                            txn,
+                            participant: participant.clone(),
+                            result,
+                        }));
+                    }
+                }
+            },
+        ));
+    }
+    Outbound {
+        endpoint,
+        channel,
+        prepare,
+        commit,
+        abort,
+    }
+}
+
+/// Sends whatever has queued up as one RPC, with at most `in_flight` RPCs outstanding:
+/// while one batch is on the wire the next one gathers (group commit on the wire).
+async fn batch_loop<T, F, Fut>(
+    mut receiver: mpsc::UnboundedReceiver<T>,
+    max_batch: usize,
+    in_flight: usize,
+    send: F,
+) where
+    T: Send + 'static,
+    F: Fn(Vec<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(in_flight.max(1)));
+    while let Some(first) = receiver.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let fut = send(batch);
+        tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+    }
+}
