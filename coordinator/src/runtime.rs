@@ -177,9 +177,7 @@ pub async fn start<L: DecisionLog>(
     let epoch = log.epoch();
     let records = log.take_recovered();
     for record in &records {
-        if let LogRecord::Preparing { participants, .. }
-        | LogRecord::Decision { participants, .. } = record
-        {
+        if let LogRecord::Decision { participants, .. } = record {
             for p in participants {
                 registry.learn(&p.name, &p.endpoint);
             }

@@ -476,7 +476,6 @@ impl Engine {
     /// started preparing without a decision is aborted by presumption.
     pub fn recover(&mut self, now: Millis, records: Vec<LogRecord>) -> Vec<Action> {
         struct Seen {
-            preparing: Option<(Vec<LogParticipant>, Millis)>,
             decision: Option<(Decision, Vec<LogParticipant>, Millis)>,
             ended: bool,
         }
@@ -484,17 +483,11 @@ impl Engine {
         for record in records {
             fn entry(seen: &mut BTreeMap<TxnId, Seen>, txn: TxnId) -> &mut Seen {
                 seen.entry(txn).or_insert(Seen {
-                    preparing: None,
                     decision: None,
                     ended: false,
                 })
             }
             match record {
-                LogRecord::Preparing {
-                    txn,
-                    participants,
-                    at_unix_ms,
-                } => entry(&mut seen, txn).preparing = Some((participants, at_unix_ms)),
                 LogRecord::Decision {
                     txn,
                     decision,
@@ -520,16 +513,13 @@ impl Engine {
                 }
                 continue;
             }
-            let (decision, participants, at, reason) = match (s.decision, s.preparing) {
-                (Some((d, p, at)), _) => (d, p, at, "recovered after restart".to_string()),
-                (None, Some((p, at))) => (
-                    Decision::Abort,
-                    p,
-                    at,
-                    "no decision logged before the restart: aborted by presumption".to_string(),
-                ),
-                (None, None) => continue,
+            // A transaction with no decision logged needs nothing here: presumed abort. Its
+            // participants hear ABORTED when they ask (GetOutcome), and a client hears that
+            // the coordinator has no record of it.
+            let Some((decision, participants, at)) = s.decision else {
+                continue;
             };
+            let reason = "recovered after restart".to_string();
             let branches = participants
                 .into_iter()
                 .map(|p| Branch {
@@ -986,18 +976,9 @@ impl Engine {
                 });
             }
             _ => {
+                // Nothing is logged before the decision (presumed abort): a restart that
+                // finds no decision aborts, whatever was prepared.
                 t.state = TxnState::Preparing;
-                t.logged = true;
-                // Not forced (presumed abort): it only lets a restarted coordinator send
-                // Abort to these participants at once instead of waiting for them to ask.
-                actions.push(Action::Append {
-                    record: LogRecord::Preparing {
-                        txn,
-                        participants: participants_of(&t.branches, |_| true),
-                        at_unix_ms: now,
-                    },
-                    force: None,
-                });
                 for b in &mut t.branches {
                     b.state = BranchState::Preparing;
                     actions.push(Action::SendPrepare {
@@ -1193,6 +1174,7 @@ impl Engine {
             return;
         }
         t.state = TxnState::Deciding;
+        t.logged = true;
         // Forced: no Commit leaves and no client hears COMMITTED before this is durable
         // (see durable()). A crash before then leaves no decision: presumed abort.
         actions.push(Action::Append {

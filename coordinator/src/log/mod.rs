@@ -29,12 +29,6 @@ pub struct LogParticipant {
 /// A record of the decision log (domain form of `ratify.v1.WalRecord`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogRecord {
-    /// Prepare is being sent to these participants (not forced).
-    Preparing {
-        txn: TxnId,
-        participants: Vec<LogParticipant>,
-        at_unix_ms: u64,
-    },
     /// The decision, naming the participants that get phase 2. COMMIT is forced before
     /// any Commit message; ABORT is not (presumed abort) unless an operator forced it.
     Decision {
@@ -54,9 +48,7 @@ pub enum LogRecord {
 impl LogRecord {
     pub fn txn(&self) -> TxnId {
         match self {
-            LogRecord::Preparing { txn, .. }
-            | LogRecord::Decision { txn, .. }
-            | LogRecord::End { txn } => *txn,
+            LogRecord::Decision { txn, .. } | LogRecord::End { txn } => *txn,
         }
     }
 }
@@ -97,11 +89,6 @@ impl TryFrom<v1::WalRecord> for LogRecord {
         use v1::wal_record::Body;
         match record.body {
             None => Err(InvalidRecord("record has no body".into())),
-            Some(Body::Preparing(p)) => Ok(LogRecord::Preparing {
-                txn: txn_of(&p.txn_id)?,
-                participants: participants_from(p.participants),
-                at_unix_ms: p.at_unix_ms,
-            }),
             Some(Body::Decision(d)) => {
                 let decision = match v1::WalDecision::try_from(d.decision) {
                     Ok(v1::WalDecision::Commit) => Decision::Commit,
@@ -129,15 +116,6 @@ impl From<&LogRecord> for v1::WalRecord {
     fn from(record: &LogRecord) -> Self {
         use v1::wal_record::Body;
         let body = match record {
-            LogRecord::Preparing {
-                txn,
-                participants,
-                at_unix_ms,
-            } => Body::Preparing(v1::PreparingRecord {
-                txn_id: txn.to_vec().into(),
-                participants: participants_to(participants),
-                at_unix_ms: *at_unix_ms,
-            }),
             LogRecord::Decision {
                 txn,
                 decision,

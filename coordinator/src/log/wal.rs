@@ -493,7 +493,7 @@ impl Writer {
 
 fn approximate_size(record: &LogRecord) -> usize {
     match record {
-        LogRecord::Preparing { participants, .. } | LogRecord::Decision { participants, .. } => {
+        LogRecord::Decision { participants, .. } => {
             64 + participants
                 .iter()
                 .map(|p| p.name.len() + p.endpoint.len() + 16)
