@@ -242,7 +242,13 @@ impl<L: DecisionLog> Driver<L> {
                 self.pending.insert(req, reply);
                 self.feed(input);
             }
-            Command::Event(input) => self.feed(input),
+            Command::Event(input) => {
+                if let Input::Ack { result: Ok(()), .. } = &input {
+                    // Crash point: phase 2 reached one participant (C6).
+                    fail::fail_point!("coordinator::phase2_acknowledged", |_| std::process::abort());
+                }
+                self.feed(input)
+            }
             Command::Query(query) => query(&self.engine),
         }
     }
@@ -376,6 +382,10 @@ impl<L: DecisionLog> Driver<L> {
                     record,
                     force: None,
                 } => {
+                    if let LogRecord::End { .. } = record {
+                        // Crash point: every participant acknowledged, END not written (C7).
+                        fail::fail_point!("coordinator::before_end", |_| std::process::abort());
+                    }
                     if let Err(e) = self.log.append_unforced(vec![record]) {
                         fatal(&e.to_string());
                     }

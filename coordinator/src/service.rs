@@ -265,6 +265,22 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        validate_name(&request.participant).map_err(Status::invalid_argument)?;
+        validate_endpoint(&request.endpoint).map_err(Status::invalid_argument)?;
+        self.handle
+            .registry
+            .register(&request.participant, &request.endpoint)
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(v1::RegisterResponse {
+            epoch: self.handle.epoch(),
+        }))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

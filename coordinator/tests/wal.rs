@@ -13,10 +13,22 @@ fn decision(n: u64) -> LogRecord {
     bytes[8] = 0xA5;
     LogRecord::Decision {
         txn: TxnId::from_bytes(bytes),
-        decision: if n % 2 == 0 { Decision::Commit } else { Decision::Abort },
+        decision: if n % 2 == 0 {
+            Decision::Commit
+        } else {
+            Decision::Abort
+        },
         participants: vec![
-            LogParticipant { name: "a".into(), incarnation: n, endpoint: "http://127.0.0.1:1".into() },
-            LogParticipant { name: "b".into(), incarnation: n, endpoint: "http://127.0.0.1:2".into() },
+            LogParticipant {
+                name: "a".into(),
+                incarnation: n,
+                endpoint: "http://127.0.0.1:1".into(),
+            },
+            LogParticipant {
+                name: "b".into(),
+                incarnation: n,
+                endpoint: "http://127.0.0.1:2".into(),
+            },
         ],
         at_unix_ms: n,
         actor: String::new(),
@@ -57,13 +69,23 @@ fn records_replay_in_order_and_the_epoch_rises_on_every_open() {
     let first = Wal::open(dir.path(), WalOptions::default()).unwrap();
     assert_eq!(first.epoch(), 1);
     block_on(first.append(vec![decision(1), decision(2)])).unwrap();
-    first.append_unforced(vec![LogRecord::End { txn: decision(1).txn() }]).unwrap();
+    first
+        .append_unforced(vec![LogRecord::End {
+            txn: decision(1).txn(),
+        }])
+        .unwrap();
     drop(first);
     let second = Wal::open(dir.path(), WalOptions::default()).unwrap();
     assert_eq!(second.epoch(), 2);
     assert_eq!(
         second.take_recovered(),
-        vec![decision(1), decision(2), LogRecord::End { txn: decision(1).txn() }]
+        vec![
+            decision(1),
+            decision(2),
+            LogRecord::End {
+                txn: decision(1).txn()
+            }
+        ]
     );
 }
 
@@ -94,7 +116,10 @@ fn concurrent_appends_share_fsyncs() {
     }
     let stats = wal.stats();
     assert_eq!(stats.records, 800);
-    assert!(stats.fsyncs <= stats.batches && stats.batches <= 800, "{stats:?}");
+    assert!(
+        stats.fsyncs <= stats.batches && stats.batches <= 800,
+        "{stats:?}"
+    );
     drop(wal);
     assert_eq!(replay(dir.path()).unwrap().len(), 800);
 }
@@ -110,7 +135,11 @@ fn truncating_the_last_record_at_every_offset_recovers_the_exact_prefix() {
         std::fs::write(&path, &original[..cut]).unwrap();
         let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
         let records = wal.take_recovered();
-        assert_eq!(records, (0..4).map(decision).collect::<Vec<_>>(), "cut at {cut}");
+        assert_eq!(
+            records,
+            (0..4).map(decision).collect::<Vec<_>>(),
+            "cut at {cut}"
+        );
         // Later appends work and land after the repaired tail.
         block_on(wal.append(vec![decision(99)])).unwrap();
         drop(wal);
@@ -136,8 +165,14 @@ fn damage_before_the_tail_refuses_to_start_naming_file_and_offset() {
         std::fs::write(&path, &bytes).unwrap();
         let error = replay(dir.path()).unwrap_err();
         let message = error.to_string();
-        assert!(matches!(error, OpenError::Corrupt { .. }), "sector {sector}: {message}");
-        assert!(message.contains(&path.display().to_string()) && message.contains("offset"), "{message}");
+        assert!(
+            matches!(error, OpenError::Corrupt { .. }),
+            "sector {sector}: {message}"
+        );
+        assert!(
+            message.contains(&path.display().to_string()) && message.contains("offset"),
+            "{message}"
+        );
         sector += 1;
     }
     assert!(sector > 2);
@@ -171,24 +206,45 @@ fn damage_before_the_tail_refuses_to_start_naming_file_and_offset() {
 #[test]
 fn a_missing_segment_refuses_to_start_and_checkpoints_keep_unfinished_transactions() {
     let dir = tempfile::tempdir().unwrap();
-    let options = WalOptions { segment_bytes: 1024 };
+    let options = WalOptions {
+        segment_bytes: 1024,
+    };
     let wal = Wal::open(dir.path(), options.clone()).unwrap();
     // Record 0 never ends: its segment must survive every checkpoint.
     for i in 0..60 {
         block_on(wal.append(vec![decision(i)])).unwrap();
         if i > 0 {
-            block_on(wal.append(vec![LogRecord::End { txn: decision(i).txn() }])).unwrap();
+            block_on(wal.append(vec![LogRecord::End {
+                txn: decision(i).txn(),
+            }]))
+            .unwrap();
         }
     }
-    assert_eq!(wal.stats().segments_removed, 0, "the first segment is pinned by record 0");
-    block_on(wal.append(vec![LogRecord::End { txn: decision(0).txn() }])).unwrap();
+    assert_eq!(
+        wal.stats().segments_removed,
+        0,
+        "the first segment is pinned by record 0"
+    );
+    block_on(wal.append(vec![LogRecord::End {
+        txn: decision(0).txn(),
+    }]))
+    .unwrap();
     for i in 100..140 {
-        block_on(wal.append(vec![decision(i), LogRecord::End { txn: decision(i).txn() }])).unwrap();
+        block_on(wal.append(vec![
+            decision(i),
+            LogRecord::End {
+                txn: decision(i).txn(),
+            },
+        ]))
+        .unwrap();
     }
     assert!(wal.stats().segments_removed > 0, "{:?}", wal.stats());
     drop(wal);
     let records = replay(dir.path()).unwrap();
-    assert!(!records.contains(&decision(0)), "ended transactions' segments are removed");
+    assert!(
+        !records.contains(&decision(0)),
+        "ended transactions' segments are removed"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path(), options).unwrap();

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use ratify_proto::v1;
 use ratify_proto::v1::coordinator_client::CoordinatorClient;
 use ratify_proto::v1::kv_server::KvServer;
 use ratify_proto::v1::participant_server::ParticipantServer;
@@ -247,6 +248,28 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     });
 
+    let register = enlistment.clone().map(|e| {
+        let mut shutdown = shutdown_rx.clone();
+        tokio::spawn(async move {
+            // Announce this endpoint at start and every few seconds, so a coordinator that
+            // restarted (or a participant that moved) is known before the next transaction.
+            let mut client = e.coordinator.clone();
+            loop {
+                let request = v1::RegisterRequest {
+                    participant: e.name.clone(),
+                    endpoint: e.advertised_endpoint.clone(),
+                };
+                if let Err(status) = client.register(request).await {
+                    tracing::debug!(%status, "registering with the coordinator failed; retrying");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        })
+    });
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<ParticipantServer<ParticipantService<SledStore>>>()
@@ -288,6 +311,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("serving gRPC")?;
     let _ = shutdown_tx.send(true);
     let _ = background.await;
+    if let Some(register) = register {
+        let _ = register.await;
+    }
     let _ = expiry.await;
     if let Some(message) = runtime.fatal().borrow().clone() {
         anyhow::bail!("fatal storage failure: {message}");
