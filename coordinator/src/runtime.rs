@@ -245,7 +245,8 @@ impl<L: DecisionLog> Driver<L> {
             Command::Event(input) => {
                 if let Input::Ack { result: Ok(()), .. } = &input {
                     // Crash point: phase 2 reached one participant (C6).
-                    fail::fail_point!("coordinator::phase2_acknowledged", |_| std::process::abort());
+                    fail::fail_point!("coordinator::phase2_acknowledged", |_| std::process::abort(
+                    ));
                 }
                 self.feed(input)
             }

@@ -60,7 +60,14 @@ pub struct Proc {
 impl Proc {
     /// Starts `binary` with `args` plus `--listen <listen>`, and waits for its
     /// "listening on ADDR" line.
-    pub fn start(label: &str, binary: PathBuf, args: Vec<String>, listen: &str, env: &[(&str, &str)], log: PathBuf) -> Self {
+    pub fn start(
+        label: &str,
+        binary: PathBuf,
+        args: Vec<String>,
+        listen: &str,
+        env: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Self {
         let mut proc = Self {
             label: label.to_string(),
             binary,
@@ -104,7 +111,11 @@ impl Proc {
                 let Ok(line) = line else { break };
                 if !sent {
                     if let Some(rest) = line.split("listening on ").nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                        let addr = rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
                         let _ = tx.send(addr);
                         sent = true;
                     }
@@ -171,7 +182,9 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Starts it again on the same address and data, with `env` (e.g. FAILPOINTS).
@@ -297,7 +310,9 @@ impl Stack {
     pub async fn wait_registered(&self) {
         let want = self.participants.len();
         let ok = eventually(Duration::from_secs(20), || async {
-            let Ok(mut admin) = admin(&self.coordinator.endpoint()).await else { return false };
+            let Ok(mut admin) = admin(&self.coordinator.endpoint()).await else {
+                return false;
+            };
             admin
                 .list_participants(v1::ListParticipantsRequest {})
                 .await
@@ -317,7 +332,9 @@ async fn channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
-pub async fn coordinator(endpoint: &str) -> Result<CoordinatorClient<Channel>, tonic::transport::Error> {
+pub async fn coordinator(
+    endpoint: &str,
+) -> Result<CoordinatorClient<Channel>, tonic::transport::Error> {
     Ok(CoordinatorClient::new(channel(endpoint).await?))
 }
 
@@ -325,7 +342,9 @@ pub async fn admin(endpoint: &str) -> Result<AdminClient<Channel>, tonic::transp
     Ok(AdminClient::new(channel(endpoint).await?))
 }
 
-pub async fn participant(endpoint: &str) -> Result<ParticipantClient<Channel>, tonic::transport::Error> {
+pub async fn participant(
+    endpoint: &str,
+) -> Result<ParticipantClient<Channel>, tonic::transport::Error> {
     Ok(ParticipantClient::new(channel(endpoint).await?))
 }
 
@@ -387,7 +406,8 @@ pub async fn get(endpoint: &str, key: &str) -> (Option<String>, u64) {
         .expect("Get")
         .into_inner();
     (
-        r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
+        r.found
+            .then(|| String::from_utf8_lossy(&r.value).into_owned()),
         r.version,
     )
 }
@@ -395,8 +415,17 @@ pub async fn get(endpoint: &str, key: &str) -> (Option<String>, u64) {
 /// Prepared branches on a participant.
 pub async fn in_doubt(endpoint: &str) -> Option<Vec<TxnId>> {
     let mut client = participant(endpoint).await.ok()?;
-    let r = client.list_in_doubt(v1::ListInDoubtRequest { limit: 0 }).await.ok()?.into_inner();
-    Some(r.branches.iter().filter_map(|b| TxnId::try_from(&b.txn_id).ok()).collect())
+    let r = client
+        .list_in_doubt(v1::ListInDoubtRequest { limit: 0 })
+        .await
+        .ok()?
+        .into_inner();
+    Some(
+        r.branches
+            .iter()
+            .filter_map(|b| TxnId::try_from(&b.txn_id).ok())
+            .collect(),
+    )
 }
 
 /// Transactions the coordinator holds as in doubt.
@@ -415,7 +444,9 @@ pub async fn coordinator_in_doubt(endpoint: &str) -> Option<Vec<v1::TxnSummary>>
 
 /// Stages operations under a transaction id on a participant (which enlists it).
 pub async fn stage(endpoint: &str, txn: &[u8], ops: Vec<v1::KvOp>) -> Result<u32, tonic::Status> {
-    let mut client = kv(endpoint).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut client = kv(endpoint)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     client
         .stage(v1::StageRequest {
             txn_id: txn.to_vec().into(),

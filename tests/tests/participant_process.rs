@@ -45,9 +45,19 @@ async fn decide(endpoint: &str, txn: TxnId, commit: bool) -> Option<v1::BranchEr
         epoch: 1,
     }];
     let mut results = if commit {
-        client.commit(v1::CommitRequest { branches }).await.unwrap().into_inner().results
+        client
+            .commit(v1::CommitRequest { branches })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
     } else {
-        client.abort(v1::AbortRequest { branches }).await.unwrap().into_inner().results
+        client
+            .abort(v1::AbortRequest { branches })
+            .await
+            .unwrap()
+            .into_inner()
+            .results
     };
     results.remove(0).error
 }
@@ -63,16 +73,40 @@ async fn a_prepared_branch_survives_sigkill_keeps_its_locks_and_commits_once() {
     p.kill9();
     p.restart(&[]);
     let endpoint = p.endpoint();
-    assert_eq!(in_doubt(&endpoint).await.unwrap(), vec![txn], "{}", p.logs());
-    assert_eq!(get(&endpoint, "x").await, (None, 0), "a prepared value must not be visible");
+    assert_eq!(
+        in_doubt(&endpoint).await.unwrap(),
+        vec![txn],
+        "{}",
+        p.logs()
+    );
+    assert_eq!(
+        get(&endpoint, "x").await,
+        (None, 0),
+        "a prepared value must not be visible"
+    );
 
     let conflicting = prepare(&endpoint, TxnId::generate(), vec![add("x", 1, None)]).await;
-    assert_eq!(conflicting.vote(), v1::Vote::No, "the recovered lock must hold: {conflicting:?}");
-    assert!(conflicting.reason.contains("lock conflict"), "{}", conflicting.reason);
+    assert_eq!(
+        conflicting.vote(),
+        v1::Vote::No,
+        "the recovered lock must hold: {conflicting:?}"
+    );
+    assert!(
+        conflicting.reason.contains("lock conflict"),
+        "{}",
+        conflicting.reason
+    );
 
     assert!(decide(&endpoint, txn, true).await.is_none());
-    assert!(decide(&endpoint, txn, true).await.is_none(), "a duplicate commit acknowledges");
-    assert_eq!(get(&endpoint, "x").await, (Some("5".into()), 1), "applied exactly once");
+    assert!(
+        decide(&endpoint, txn, true).await.is_none(),
+        "a duplicate commit acknowledges"
+    );
+    assert_eq!(
+        get(&endpoint, "x").await,
+        (Some("5".into()), 1),
+        "applied exactly once"
+    );
     assert_eq!(get(&endpoint, "y").await, (Some("a".into()), 1));
     assert!(in_doubt(&endpoint).await.unwrap().is_empty());
 
@@ -81,10 +115,16 @@ async fn a_prepared_branch_survives_sigkill_keeps_its_locks_and_commits_once() {
     p.restart(&[]);
     let endpoint = p.endpoint();
     assert_eq!(get(&endpoint, "x").await, (Some("5".into()), 1));
-    let refused = decide(&endpoint, txn, false).await.expect("abort after commit is refused");
+    let refused = decide(&endpoint, txn, false)
+        .await
+        .expect("abort after commit is refused");
     assert_eq!(refused.code, tonic::Code::FailedPrecondition as i32);
     let next = prepare(&endpoint, TxnId::generate(), vec![add("x", 1, None)]).await;
-    assert_eq!(next.vote(), v1::Vote::Yes, "the lock was released by the commit");
+    assert_eq!(
+        next.vote(),
+        v1::Vote::Yes,
+        "the lock was released by the commit"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -92,32 +132,54 @@ async fn a_prepared_branch_survives_sigkill_and_aborts_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = start(dir.path());
     let txn = TxnId::generate();
-    assert_eq!(prepare(&p.endpoint(), txn, vec![put("k", "v")]).await.vote(), v1::Vote::Yes);
+    assert_eq!(
+        prepare(&p.endpoint(), txn, vec![put("k", "v")])
+            .await
+            .vote(),
+        v1::Vote::Yes
+    );
 
     p.kill9();
     p.restart(&[]);
     let endpoint = p.endpoint();
     assert_eq!(in_doubt(&endpoint).await.unwrap(), vec![txn]);
     assert_eq!(
-        prepare(&endpoint, TxnId::generate(), vec![put("k", "w")]).await.vote(),
+        prepare(&endpoint, TxnId::generate(), vec![put("k", "w")])
+            .await
+            .vote(),
         v1::Vote::No
     );
     assert!(decide(&endpoint, txn, false).await.is_none());
-    assert!(decide(&endpoint, txn, false).await.is_none(), "a duplicate abort acknowledges");
-    assert_eq!(get(&endpoint, "k").await, (None, 0), "nothing of the aborted branch applied");
+    assert!(
+        decide(&endpoint, txn, false).await.is_none(),
+        "a duplicate abort acknowledges"
+    );
+    assert_eq!(
+        get(&endpoint, "k").await,
+        (None, 0),
+        "nothing of the aborted branch applied"
+    );
     assert!(in_doubt(&endpoint).await.unwrap().is_empty());
-    let refused = decide(&endpoint, txn, true).await.expect("commit after abort is refused");
+    let refused = decide(&endpoint, txn, true)
+        .await
+        .expect("commit after abort is refused");
     assert_eq!(refused.code, tonic::Code::FailedPrecondition as i32);
     // A late prepare of the aborted branch is refused (its tombstone).
     let late = prepare(&endpoint, txn, vec![put("k", "v")]).await;
     assert_eq!(late.vote(), v1::Vote::No);
     assert!(late.error.is_some());
     assert_eq!(
-        prepare(&endpoint, TxnId::generate(), vec![put("k", "w")]).await.vote(),
+        prepare(&endpoint, TxnId::generate(), vec![put("k", "w")])
+            .await
+            .vote(),
         v1::Vote::Yes,
         "the abort released the lock"
     );
-    assert_eq!(p.terminate().map(|s| s.success()), Some(true), "SIGTERM stops it cleanly");
+    assert_eq!(
+        p.terminate().map(|s| s.success()),
+        Some(true),
+        "SIGTERM stops it cleanly"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -137,15 +199,25 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
-    let status = client.prepare(v1::PrepareRequest { branches: vec![] }).await.unwrap_err();
+    let status = client
+        .prepare(v1::PrepareRequest { branches: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let status = client
         .commit(v1::CommitRequest {
-            branches: vec![v1::DecisionBranch { txn_id: vec![0; 16].into(), epoch: 1 }],
+            branches: vec![v1::DecisionBranch {
+                txn_id: vec![0; 16].into(),
+                epoch: 1,
+            }],
         })
         .await
         .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "the nil id is refused");
+    assert_eq!(
+        status.code(),
+        tonic::Code::InvalidArgument,
+        "the nil id is refused"
+    );
     // A payload that is not KvOps votes NO with a reason and leaves nothing behind.
     let txn = TxnId::generate();
     let result = client
@@ -163,7 +235,11 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
         .results
         .remove(0);
     assert_eq!(result.vote(), v1::Vote::No);
-    assert!(result.reason.contains("malformed payload"), "{}", result.reason);
+    assert!(
+        result.reason.contains("malformed payload"),
+        "{}",
+        result.reason
+    );
     assert!(in_doubt(&p.endpoint()).await.unwrap().is_empty());
     // Keys over the limit are refused at staging with no state change.
     let mut kv = ratify_tests::kv(&p.endpoint()).await.unwrap();

@@ -395,7 +395,9 @@ pub struct Engine {
     epoch: u64,
     txns: HashMap<TxnId, Txn>,
     recent: VecDeque<TxnId>,
-    recent_outcomes: HashMap<TxnId, Outcome>,
+    /// Outcomes of forgotten transactions, and whether a commit was asked for (so a late
+    /// Commit of a transaction the client aborted is refused rather than answered).
+    recent_outcomes: HashMap<TxnId, (Outcome, bool)>,
     rng: fastrand::Rng,
 }
 
@@ -461,7 +463,7 @@ impl Engine {
                 _ => Outcome::InProgress,
             };
         }
-        if let Some(outcome) = self.recent_outcomes.get(txn) {
+        if let Some((outcome, _)) = self.recent_outcomes.get(txn) {
             return *outcome;
         }
         if for_participant {
@@ -509,7 +511,7 @@ impl Engine {
         for (txn, s) in seen {
             if s.ended {
                 if let Some((decision, _, _)) = s.decision {
-                    self.remember(txn, outcome_of(decision));
+                    self.remember(txn, outcome_of(decision), true);
                 }
                 continue;
             }
@@ -651,11 +653,15 @@ impl Engine {
         t.timeline.push(Event { at: now, what });
     }
 
-    fn remember(&mut self, txn: TxnId, outcome: Outcome) {
+    fn remember(&mut self, txn: TxnId, outcome: Outcome, commit_requested: bool) {
         if self.config.outcome_cache == 0 {
             return;
         }
-        if self.recent_outcomes.insert(txn, outcome).is_none() {
+        if self
+            .recent_outcomes
+            .insert(txn, (outcome, commit_requested))
+            .is_none()
+        {
             self.recent.push_back(txn);
         }
         while self.recent.len() > self.config.outcome_cache {
@@ -887,7 +893,11 @@ impl Engine {
         let Some(t) = self.txns.get_mut(&txn) else {
             // Forgotten after END (or committed in one phase): answer what is remembered.
             return match self.recent_outcomes.get(&txn) {
-                Some(outcome) => actions.push(Action::Reply {
+                Some((Outcome::Aborted, false)) => actions.push(refused(
+                    req,
+                    Refusal::FailedPrecondition(format!("transaction {txn} was aborted")),
+                )),
+                Some((outcome, _)) => actions.push(Action::Reply {
                     req,
                     reply: Reply::Outcome {
                         txn,
@@ -1013,11 +1023,11 @@ impl Engine {
     ) {
         let Some(t) = self.txns.get(&txn) else {
             return match self.recent_outcomes.get(&txn) {
-                Some(Outcome::Committed) => actions.push(refused(
+                Some((Outcome::Committed, _)) => actions.push(refused(
                     req,
                     Refusal::FailedPrecondition(format!("transaction {txn} is committed")),
                 )),
-                Some(outcome) => actions.push(Action::Reply {
+                Some((outcome, _)) => actions.push(Action::Reply {
                     req,
                     reply: Reply::Outcome {
                         txn,
@@ -1518,7 +1528,7 @@ impl Engine {
         for req in waiting {
             self.reply_outcome(&t, req, actions);
         }
-        self.remember(txn, outcome);
+        self.remember(txn, outcome, t.commit_requested);
         actions.push(Action::Finished {
             txn,
             outcome,
@@ -1624,7 +1634,7 @@ impl Engine {
     ) {
         let epoch = self.epoch;
         let Some(t) = self.txns.get(&txn) else {
-            let known = self.recent_outcomes.get(&txn).copied();
+            let known = self.recent_outcomes.get(&txn).map(|(o, _)| *o);
             let message = match known {
                 Some(o) => {
                     format!("transaction {txn} already finished ({o:?}); nothing to resolve")
