@@ -76,11 +76,11 @@ impl Proc {
             log,
             addr: "127.0.0.1:0".parse().expect("an address"),
         };
-        proc.spawn(listen, env);
+        proc.spawn(listen, env, true);
         proc
     }
 
-    fn spawn(&mut self, listen: &str, env: &[(&str, &str)]) {
+    fn spawn(&mut self, listen: &str, env: &[(&str, &str)], wait_listening: bool) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,6 +123,9 @@ impl Proc {
             }
         });
         self.child = Some(child);
+        if !wait_listening {
+            return;
+        }
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(addr) => self.addr = addr.parse().expect("a socket address"),
             Err(_) => panic!("{} did not start; its log:\n{}", self.label, self.logs()),
@@ -189,6 +192,21 @@ impl Proc {
 
     /// Starts it again on the same address and data, with `env` (e.g. FAILPOINTS).
     pub fn restart(&mut self, env: &[(&str, &str)]) {
+        self.respawn(env, true);
+    }
+
+    /// Starts it again with a crash point set that fires before it serves, and waits for
+    /// it to exit.
+    pub fn restart_into_crash(
+        &mut self,
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Option<ExitStatus> {
+        self.respawn(env, false);
+        self.wait_exit(timeout)
+    }
+
+    fn respawn(&mut self, env: &[(&str, &str)], wait_listening: bool) {
         self.kill9();
         let listen = self.addr.to_string();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -196,7 +214,7 @@ impl Proc {
         while std::net::TcpListener::bind(&listen).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.spawn(&listen, env);
+        self.spawn(&listen, env, wait_listening);
     }
 }
 
