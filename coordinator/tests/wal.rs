@@ -13,7 +13,7 @@ fn decision(n: u64) -> LogRecord {
     bytes[8] = 0xA5;
     LogRecord::Decision {
         txn: TxnId::from_bytes(bytes),
-        decision: if n % 2 == 0 {
+        decision: if n.is_multiple_of(2) {
             Decision::Commit
         } else {
             Decision::Abort

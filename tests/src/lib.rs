@@ -109,16 +109,15 @@ impl Proc {
             let mut sent = false;
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
-                if !sent {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
-                        let addr = rest
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or_default()
-                            .to_string();
-                        let _ = tx.send(addr);
-                        sent = true;
-                    }
+                // Keep draining after the first line so the child never blocks on stdout.
+                if !sent && let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
                 }
             }
         });

@@ -76,14 +76,14 @@ pub fn evaluate(
                 let result = current.checked_add(add.delta).ok_or_else(|| {
                     Rejection(format!("add overflows on key {}", show_key(&add.key)))
                 })?;
-                if let Some(min) = add.min {
-                    if result < min {
-                        return Err(Rejection(format!(
-                            "add of {} to key {} gives {result}, below its bound {min}",
-                            add.delta,
-                            show_key(&add.key)
-                        )));
-                    }
+                if let Some(min) = add.min
+                    && result < min
+                {
+                    return Err(Rejection(format!(
+                        "add of {} to key {} gives {result}, below its bound {min}",
+                        add.delta,
+                        show_key(&add.key)
+                    )));
                 }
                 writes.insert(add.key.to_vec(), Some(result.to_string().into_bytes()));
             }

@@ -283,14 +283,14 @@ impl SledStore {
                 self.limits.max_key_bytes
             ));
         }
-        if let v1::kv_op::Op::Put(put) = op {
-            if put.value.len() > self.limits.max_value_bytes {
-                return Err(format!(
-                    "operation {index}: value of {} bytes exceeds the limit of {} bytes",
-                    put.value.len(),
-                    self.limits.max_value_bytes
-                ));
-            }
+        if let v1::kv_op::Op::Put(put) = op
+            && put.value.len() > self.limits.max_value_bytes
+        {
+            return Err(format!(
+                "operation {index}: value of {} bytes exceeds the limit of {} bytes",
+                put.value.len(),
+                self.limits.max_value_bytes
+            ));
         }
         Ok(())
     }
@@ -300,13 +300,13 @@ impl SledStore {
     fn try_lock(&self, txn_id: TxnId, keys: &[Vec<u8>]) -> Result<(), Rejection> {
         let mut locks = lock(&self.locks);
         for key in keys {
-            if let Some(holder) = locks.get(key) {
-                if *holder != txn_id {
-                    return Err(Rejection(format!(
-                        "lock conflict on key {} (held by transaction {holder})",
-                        show_key(key)
-                    )));
-                }
+            if let Some(holder) = locks.get(key)
+                && *holder != txn_id
+            {
+                return Err(Rejection(format!(
+                    "lock conflict on key {} (held by transaction {holder})",
+                    show_key(key)
+                )));
             }
         }
         for key in keys {
@@ -348,7 +348,7 @@ impl SledStore {
         &self,
         meta: &BranchMeta,
         payload: &Bytes,
-    ) -> Result<Result<(Writes, Vec<Vec<u8>>), Rejection>, StoreError> {
+    ) -> Result<Result<Evaluated, Rejection>, StoreError> {
         let staged = lock(&self.active).remove(&meta.txn_id);
         if meta.incarnation != 0 && meta.incarnation != self.incarnation {
             return Ok(Err(Rejection(
@@ -445,6 +445,9 @@ impl SledStore {
         result.map_err(|e| StoreError::Io(format!("applying branch {txn_id}: {e}")))
     }
 }
+
+/// A branch's writes and the keys it locked.
+type Evaluated = (Writes, Vec<Vec<u8>>);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())

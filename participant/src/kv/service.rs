@@ -91,28 +91,28 @@ impl Kv for KvService {
                 "transaction {txn_id} is past staging on this participant ({state:?})"
             )));
         }
-        if !store.is_active(&txn_id) {
-            if let Some(enlistment) = &self.enlistment {
-                // Enlist before accepting the first write: a branch the coordinator does
-                // not know would never be prepared, and its writes would silently vanish.
-                let mut client = enlistment.coordinator.clone();
-                let enlist = v1::EnlistRequest {
-                    txn_id: txn_id.to_vec().into(),
-                    participant: enlistment.name.clone(),
-                    endpoint: enlistment.advertised_endpoint.clone(),
-                    incarnation: store.incarnation(),
-                };
-                tokio::time::timeout(Duration::from_secs(5), client.enlist(enlist))
-                    .await
-                    .map_err(|_| Status::unavailable("enlisting with the coordinator timed out"))?
-                    .map_err(|status| {
-                        Status::new(
-                            status.code(),
-                            format!("the coordinator refused enlistment: {}", status.message()),
-                        )
-                    })?;
-                debug!(txn = %txn_id, "enlisted");
-            }
+        if !store.is_active(&txn_id)
+            && let Some(enlistment) = &self.enlistment
+        {
+            // Enlist before accepting the first write: a branch the coordinator does
+            // not know would never be prepared, and its writes would silently vanish.
+            let mut client = enlistment.coordinator.clone();
+            let enlist = v1::EnlistRequest {
+                txn_id: txn_id.to_vec().into(),
+                participant: enlistment.name.clone(),
+                endpoint: enlistment.advertised_endpoint.clone(),
+                incarnation: store.incarnation(),
+            };
+            tokio::time::timeout(Duration::from_secs(5), client.enlist(enlist))
+                .await
+                .map_err(|_| Status::unavailable("enlisting with the coordinator timed out"))?
+                .map_err(|status| {
+                    Status::new(
+                        status.code(),
+                        format!("the coordinator refused enlistment: {}", status.message()),
+                    )
+                })?;
+            debug!(txn = %txn_id, "enlisted");
         }
         let staged = store.stage(txn_id, request.ops)?;
         Ok(Response::new(v1::StageResponse {
