@@ -66,6 +66,17 @@ fn outcome_to_wire(outcome: Outcome) -> v1::Outcome {
     }
 }
 
+/// Time from a commit request to its answer, by outcome.
+fn record_commit_latency(started: std::time::Instant, outcome: Outcome) {
+    let label = match outcome {
+        Outcome::Committed => "committed",
+        Outcome::Aborted => "aborted",
+        Outcome::InProgress | Outcome::Unknown => "unknown",
+    };
+    metrics::histogram!("ratify_commit_latency_seconds", "outcome" => label)
+        .record(started.elapsed().as_secs_f64());
+}
+
 fn stopped() -> Status {
     Status::unavailable("the coordinator is shutting down")
 }
@@ -181,12 +192,14 @@ impl Coordinator for CoordinatorService {
         let request = request.into_inner();
         let txn = txn_id(&request.txn_id)?;
         let wait_for_phase2 = request.wait_for_phase2;
+        let started = std::time::Instant::now();
         let (_, outcome, reason) = outcome_reply(&self.handle, |req| Input::Commit {
             txn,
             wait_for_phase2,
             req,
         })
         .await?;
+        record_commit_latency(started, outcome);
         Ok(Response::new(v1::CommitTxnResponse {
             outcome: outcome_to_wire(outcome) as i32,
             reason,
@@ -250,6 +263,7 @@ impl Coordinator for CoordinatorService {
         }
         let txn = TxnId::generate();
         let (timeout_ms, wait_for_phase2) = (request.timeout_ms, request.wait_for_phase2);
+        let started = std::time::Instant::now();
         let (txn, outcome, reason) = outcome_reply(&self.handle, |req| Input::Execute {
             txn,
             branches,
@@ -258,6 +272,7 @@ impl Coordinator for CoordinatorService {
             req,
         })
         .await?;
+        record_commit_latency(started, outcome);
         Ok(Response::new(v1::ExecuteResponse {
             txn_id: txn.to_vec().into(),
             outcome: outcome_to_wire(outcome) as i32,
