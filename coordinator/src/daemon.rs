@@ -289,7 +289,11 @@ pub async fn shutdown_signal() {
 
 /// The binary's entry point.
 pub fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    main_with(Args::parse())
+}
+
+/// The entry point with parsed arguments (the `ratify` CLI hosts the daemon this way).
+pub fn main_with(args: Args) -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

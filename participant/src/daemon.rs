@@ -341,7 +341,11 @@ pub async fn shutdown_signal() {
 
 /// The binary's entry point.
 pub fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    main_with(Args::parse())
+}
+
+/// The entry point with parsed arguments (the `ratify` CLI hosts the daemon this way).
+pub fn main_with(args: Args) -> std::process::ExitCode {
     init_tracing();
     let scenario = fail::FailScenario::setup();
     let result = (|| {

@@ -515,7 +515,16 @@ impl ResourceManager for SledStore {
             .get(txn_id.as_bytes())
             .map_err(io)?
             .ok_or_else(|| StoreError::Io(format!("prepared record of {txn_id} is missing")))?;
-        let record: PreparedRecord = decode(&bytes, "prepared")?;
+        let mut record: PreparedRecord = decode(&bytes, "prepared")?;
+        // A deliberate bug for tests of the checkers (compiled in only with the
+        // `failpoints` feature): acknowledge the commit but apply nothing.
+        let drop_writes = (|| {
+            fail::fail_point!("participant::commit::drop_writes", |_| true);
+            false
+        })();
+        if drop_writes {
+            record.writes.clear();
+        }
         self.apply(txn_id, &record.writes, record.digest)?;
         // Durable before the acknowledgement: the coordinator forgets the branch after it.
         self.flusher.flush().await?;
