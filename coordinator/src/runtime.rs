@@ -163,6 +163,7 @@ struct Driver<L> {
     pending: HashMap<ReqId, oneshot::Sender<Reply>>,
     outbound: HashMap<String, Outbound>,
     events: mpsc::UnboundedSender<Command>,
+    registry: Arc<Registry>,
 }
 
 /// Replays the log, recovers unfinished transactions, and starts the driver task.
@@ -196,6 +197,7 @@ pub async fn start<L: DecisionLog>(
         pending: HashMap::new(),
         outbound: HashMap::new(),
         events: commands.clone(),
+        registry: registry.clone(),
     };
     fail::fail_point!("coordinator::recovery", |_| std::process::abort());
     driver.perform(actions);
@@ -444,6 +446,10 @@ impl<L: DecisionLog> Driver<L> {
     }
 
     fn outbound(&mut self, participant: &str, endpoint: &str) -> &Outbound {
+        // The registry has the latest address (a participant that restarted elsewhere
+        // registers again); the one captured at enlistment is the fallback.
+        let current = self.registry.endpoint(participant);
+        let endpoint = current.as_deref().unwrap_or(endpoint);
         let stale = self
             .outbound
             .get(participant)

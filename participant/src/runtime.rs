@@ -262,8 +262,7 @@ impl<R: ResourceManager> Runtime<R> {
         }
     }
 
-    /// Handles one prepare entry.
-    pub async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
+    async fn prepare_inner(&self, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
         let span = info_span!("prepare", txn = %meta.txn_id, epoch = meta.epoch);
         async {
             let _serial = self.lock_txn(&meta.txn_id).await;
@@ -316,8 +315,7 @@ impl<R: ResourceManager> Runtime<R> {
         .await
     }
 
-    /// Handles one commit entry.
-    pub async fn commit(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+    async fn commit_inner(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
         let span = info_span!("commit", txn = %txn_id, epoch);
         async {
             let _serial = self.lock_txn(&txn_id).await;
@@ -342,8 +340,7 @@ impl<R: ResourceManager> Runtime<R> {
         .await
     }
 
-    /// Handles one abort entry.
-    pub async fn abort(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+    async fn abort_inner(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
         let span = info_span!("abort", txn = %txn_id, epoch);
         async {
             let _serial = self.lock_txn(&txn_id).await;
@@ -368,8 +365,7 @@ impl<R: ResourceManager> Runtime<R> {
         .await
     }
 
-    /// Handles a one-phase commit.
-    pub async fn commit_one_phase(
+    async fn commit_one_phase_inner(
         &self,
         meta: BranchMeta,
         payload: Bytes,
@@ -412,6 +408,48 @@ impl<R: ResourceManager> Runtime<R> {
         }
         .instrument(span)
         .await
+    }
+
+    // The four entry points below run their work on a task of its own: a caller that goes
+    // away (an RPC cancelled because the coordinator died) must not stop a store operation
+    // halfway, between the store applying a change and the branch table recording it.
+
+    /// Handles one prepare entry.
+    pub async fn prepare(self: &Arc<Self>, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
+        let this = self.clone();
+        tokio::spawn(async move { this.prepare_inner(meta, payload).await })
+            .await
+            .unwrap_or_else(|e| {
+                PrepareAnswer::refused(Code::Internal, format!("prepare failed: {e}"))
+            })
+    }
+
+    /// Handles one commit entry.
+    pub async fn commit(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+        let this = self.clone();
+        tokio::spawn(async move { this.commit_inner(txn_id, epoch).await })
+            .await
+            .unwrap_or_else(|e| Err((Code::Internal, format!("commit failed: {e}"))))
+    }
+
+    /// Handles one abort entry.
+    pub async fn abort(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
+        let this = self.clone();
+        tokio::spawn(async move { this.abort_inner(txn_id, epoch).await })
+            .await
+            .unwrap_or_else(|e| Err((Code::Internal, format!("abort failed: {e}"))))
+    }
+
+    /// Handles a one-phase commit.
+    pub async fn commit_one_phase(
+        self: &Arc<Self>,
+        meta: BranchMeta,
+        payload: Bytes,
+    ) -> Result<OnePhaseOutcome, Refused> {
+        let this = self.clone();
+        tokio::spawn(async move { this.commit_one_phase_inner(meta, payload).await })
+            .await
+            .unwrap_or_else(|e| Err((Code::Internal, format!("one-phase commit failed: {e}"))))
     }
 
     /// Prepared branches, oldest first, cut at `limit`; and how many there are in all.
@@ -505,9 +543,9 @@ impl<R: ResourceManager> Runtime<R> {
 
     async fn apply_inquiry(&self, txn_id: TxnId, epoch: u64, outcome: Result<v1::Outcome, String>) {
         let applied = match &outcome {
-            Ok(v1::Outcome::Committed) => Some(self.commit(txn_id, epoch).await),
+            Ok(v1::Outcome::Committed) => Some(self.commit_inner(txn_id, epoch).await),
             // A coordinator with no record answers ABORTED to a participant: presumed abort.
-            Ok(v1::Outcome::Aborted) => Some(self.abort(txn_id, epoch).await),
+            Ok(v1::Outcome::Aborted) => Some(self.abort_inner(txn_id, epoch).await),
             _ => None,
         };
         let note = match (&outcome, &applied) {

@@ -59,14 +59,14 @@ async fn open(dir: &std::path::Path) -> Arc<Runtime<SledStore>> {
         .unwrap()
 }
 
-async fn prepare(rt: &Runtime<SledStore>, ops: Vec<v1::KvOp>) -> (TxnId, Vote) {
+async fn prepare(rt: &Arc<Runtime<SledStore>>, ops: Vec<v1::KvOp>) -> (TxnId, Vote) {
     let txn = TxnId::generate();
     let p = payload(ops);
     let answer = rt.prepare(meta(txn, &p), p).await;
     (txn, answer.vote)
 }
 
-async fn commit_now(rt: &Runtime<SledStore>, ops: Vec<v1::KvOp>) {
+async fn commit_now(rt: &Arc<Runtime<SledStore>>, ops: Vec<v1::KvOp>) {
     let txn = TxnId::generate();
     let p = payload(ops);
     let outcome = rt.commit_one_phase(meta(txn, &p), p).await.unwrap();
@@ -252,4 +252,34 @@ async fn staged_operations_of_another_incarnation_vote_no() {
     assert_eq!(rt.prepare(m, empty).await.vote, Vote::Yes);
     rt.commit(txn, 1).await.unwrap();
     assert_eq!(value(&rt, "s"), (1, Some("1".into())));
+}
+
+#[tokio::test]
+async fn a_cancelled_commit_still_completes_and_the_branch_table_agrees() {
+    // The coordinator dying mid-RPC drops the server's future. The commit must finish
+    // anyway, or the store would be committed while the runtime still says prepared.
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let (txn, vote) = prepare(&rt, vec![add("c", 7, None)]).await;
+    assert_eq!(vote, Vote::Yes);
+    let cancelled = tokio::time::timeout(std::time::Duration::ZERO, rt.commit(txn, 1)).await;
+    assert!(
+        cancelled.is_err(),
+        "the commit should still be pending when cancelled"
+    );
+    let mut committed = false;
+    for _ in 0..200 {
+        if matches!(
+            rt.state_of(&txn),
+            Some(ratify_participant::branch::BranchState::Committed { .. })
+        ) {
+            committed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(committed, "the cancelled commit did not complete");
+    assert_eq!(value(&rt, "c"), (1, Some("7".into())));
+    rt.commit(txn, 1).await.unwrap();
+    assert_eq!(value(&rt, "c"), (1, Some("7".into())), "applied once");
 }
