@@ -242,7 +242,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let expiry = tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => { expiry_store.expire_idle(); }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => { expiry_store.staging().expire_idle(); }
                 _ = expiry_shutdown.changed() => return,
             }
         }

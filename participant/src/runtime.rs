@@ -119,7 +119,6 @@ pub struct Runtime<R> {
     branches: Mutex<HashMap<TxnId, Entry>>,
     /// Messages for one transaction are handled one at a time; striping bounds memory.
     stripes: Vec<tokio::sync::Mutex<()>>,
-    incarnation: u64,
     fatal: tokio::sync::watch::Sender<Option<String>>,
 }
 
@@ -174,18 +173,11 @@ impl<R: ResourceManager> Runtime<R> {
             tombstones = branches.len() - prepared,
             "participant recovered"
         );
-        let incarnation = loop {
-            let candidate = fastrand::u64(..);
-            if candidate != 0 {
-                break candidate;
-            }
-        };
         Ok(Arc::new(Self {
             store,
             config,
             branches: Mutex::new(branches),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            incarnation,
             fatal: tokio::sync::watch::channel(None).0,
         }))
     }
@@ -196,12 +188,6 @@ impl<R: ResourceManager> Runtime<R> {
 
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
-    }
-
-    /// A random id of this process's life; branches enlisted under another incarnation lost
-    /// their staged (unprepared) operations in a restart.
-    pub fn incarnation(&self) -> u64 {
-        self.incarnation
     }
 
     /// Resolves with a message once the store failed in a way that forbids going on.

@@ -236,19 +236,25 @@ async fn staged_operations_of_another_incarnation_vote_no() {
     let dir = tempfile::tempdir().unwrap();
     let rt = open(dir.path()).await;
     let txn = TxnId::generate();
-    rt.store().stage(txn, vec![put("s", "1")]).unwrap();
+    rt.store()
+        .staging()
+        .stage(txn, vec![put("s", "1")])
+        .unwrap();
     let empty = Bytes::new();
     let mut m = meta(txn, &empty);
-    m.incarnation = rt.store().incarnation().wrapping_add(1);
+    m.incarnation = rt.store().staging().incarnation().wrapping_add(1);
     assert!(matches!(
         rt.prepare(m, empty.clone()).await.vote,
         Vote::No { .. }
     ));
 
     let txn = TxnId::generate();
-    rt.store().stage(txn, vec![put("s", "1")]).unwrap();
+    rt.store()
+        .staging()
+        .stage(txn, vec![put("s", "1")])
+        .unwrap();
     let mut m = meta(txn, &empty);
-    m.incarnation = rt.store().incarnation();
+    m.incarnation = rt.store().staging().incarnation();
     assert_eq!(rt.prepare(m, empty).await.vote, Vote::Yes);
     rt.commit(txn, 1).await.unwrap();
     assert_eq!(value(&rt, "s"), (1, Some("1".into())));

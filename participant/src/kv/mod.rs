@@ -13,17 +13,15 @@
 pub mod eval;
 mod flusher;
 pub mod service;
+pub mod staging;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message;
 use ratify_proto::TxnId;
-use ratify_proto::v1;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
@@ -31,35 +29,12 @@ pub use self::eval::Versioned;
 use self::eval::{Rejection, Writes, show_key};
 pub use self::flusher::FlushStats;
 use self::flusher::Flusher;
+pub use self::staging::{KvLimits, Staging};
 use crate::runtime::unix_ms;
 use crate::store::{
     BranchMeta, FinishedAs, OnePhaseOutcome, PayloadDigest, PreparedBranch, Recovered,
     ResourceManager, StoreError, StoreVote, Tombstone,
 };
-
-/// Limits of the key-value store; each violation is refused with a clear status.
-#[derive(Debug, Clone)]
-pub struct KvLimits {
-    pub max_key_bytes: usize,
-    pub max_value_bytes: usize,
-    pub max_ops_per_branch: usize,
-    /// Branches with staged operations, not yet prepared.
-    pub max_active_branches: usize,
-    /// A staged branch untouched this long is dropped (its prepare then votes NO).
-    pub active_branch_timeout: Duration,
-}
-
-impl Default for KvLimits {
-    fn default() -> Self {
-        Self {
-            max_key_bytes: 1024,
-            max_value_bytes: 64 * 1024,
-            max_ops_per_branch: 1000,
-            max_active_branches: 10_000,
-            active_branch_timeout: Duration::from_secs(300),
-        }
-    }
-}
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct StoredValue {
@@ -124,12 +99,6 @@ impl TombstoneRecord {
     }
 }
 
-#[derive(Debug)]
-struct ActiveBranch {
-    ops: Vec<v1::KvOp>,
-    touched: Instant,
-}
-
 /// The sled key-value store.
 #[derive(Debug)]
 pub struct SledStore {
@@ -138,13 +107,8 @@ pub struct SledStore {
     prepared: sled::Tree,
     finished: sled::Tree,
     locks: Mutex<HashMap<Vec<u8>, TxnId>>,
-    active: Mutex<HashMap<TxnId, ActiveBranch>>,
-    /// Branches whose staged operations were dropped (timeout), so their prepare votes NO.
-    expired: Mutex<HashMap<TxnId, Instant>>,
+    staging: Staging,
     flusher: Flusher,
-    limits: KvLimits,
-    incarnation: u64,
-    prepares: AtomicU64,
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -162,12 +126,6 @@ impl SledStore {
             .path(dir.join("sled"))
             .open()
             .map_err(|e| StoreError::Io(format!("opening sled at {}: {e}", dir.display())))?;
-        let incarnation = loop {
-            let candidate = fastrand::u64(..);
-            if candidate != 0 {
-                break candidate;
-            }
-        };
         Ok(Self {
             data: db.open_tree("data").map_err(io)?,
             prepared: db.open_tree("prepared").map_err(io)?,
@@ -175,22 +133,8 @@ impl SledStore {
             flusher: Flusher::start(db.clone()),
             db,
             locks: Mutex::default(),
-            active: Mutex::default(),
-            expired: Mutex::default(),
-            limits,
-            incarnation,
-            prepares: AtomicU64::new(0),
+            staging: Staging::new(limits),
         })
-    }
-
-    pub fn limits(&self) -> &KvLimits {
-        &self.limits
-    }
-
-    /// A random id of this process's life: branches enlisted under another incarnation
-    /// lost their staged operations in a restart.
-    pub fn incarnation(&self) -> u64 {
-        self.incarnation
     }
 
     pub fn flush_stats(&self) -> &FlushStats {
@@ -209,90 +153,6 @@ impl SledStore {
                 })
             }
         }
-    }
-
-    /// Whether a branch has staged operations in this incarnation.
-    pub fn is_active(&self, txn_id: &TxnId) -> bool {
-        lock(&self.active).contains_key(txn_id)
-    }
-
-    /// Stages operations under a transaction id (already validated by the caller).
-    pub fn stage(&self, txn_id: TxnId, ops: Vec<v1::KvOp>) -> Result<usize, tonic::Status> {
-        let mut active = lock(&self.active);
-        if !active.contains_key(&txn_id) && active.len() >= self.limits.max_active_branches {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "{} branches already have staged operations (the limit)",
-                self.limits.max_active_branches
-            )));
-        }
-        let branch = active.entry(txn_id).or_insert_with(|| ActiveBranch {
-            ops: Vec::new(),
-            touched: Instant::now(),
-        });
-        if branch.ops.len() + ops.len() > self.limits.max_ops_per_branch {
-            return Err(tonic::Status::resource_exhausted(format!(
-                "a branch holds at most {} operations; it has {} and {} more were sent",
-                self.limits.max_ops_per_branch,
-                branch.ops.len(),
-                ops.len()
-            )));
-        }
-        branch.ops.extend(ops);
-        branch.touched = Instant::now();
-        Ok(branch.ops.len())
-    }
-
-    /// Drops staged branches idle past the timeout. Returns how many were dropped.
-    pub fn expire_idle(&self) -> usize {
-        let timeout = self.limits.active_branch_timeout;
-        let now = Instant::now();
-        let dropped: Vec<TxnId> = {
-            let mut active = lock(&self.active);
-            let ids: Vec<TxnId> = active
-                .iter()
-                .filter(|(_, b)| now.duration_since(b.touched) > timeout)
-                .map(|(t, _)| *t)
-                .collect();
-            for id in &ids {
-                active.remove(id);
-            }
-            ids
-        };
-        let mut expired = lock(&self.expired);
-        expired.retain(|_, at| now.duration_since(*at) < timeout * 12);
-        for id in &dropped {
-            expired.insert(*id, now);
-        }
-        dropped.len()
-    }
-
-    /// Validates one operation against the limits.
-    pub fn validate_op(&self, index: usize, op: &v1::KvOp) -> Result<(), String> {
-        let op = op
-            .op
-            .as_ref()
-            .ok_or_else(|| format!("operation {index} is empty"))?;
-        let key = eval::key_of(op);
-        if key.is_empty() {
-            return Err(format!("operation {index} has an empty key"));
-        }
-        if key.len() > self.limits.max_key_bytes {
-            return Err(format!(
-                "operation {index}: key of {} bytes exceeds the limit of {} bytes",
-                key.len(),
-                self.limits.max_key_bytes
-            ));
-        }
-        if let v1::kv_op::Op::Put(put) = op
-            && put.value.len() > self.limits.max_value_bytes
-        {
-            return Err(format!(
-                "operation {index}: value of {} bytes exceeds the limit of {} bytes",
-                put.value.len(),
-                self.limits.max_value_bytes
-            ));
-        }
-        Ok(())
     }
 
     /// Takes every key's lock for `txn_id`, or none: a key held by another branch is a
@@ -349,38 +209,10 @@ impl SledStore {
         meta: &BranchMeta,
         payload: &Bytes,
     ) -> Result<Result<Evaluated, Rejection>, StoreError> {
-        let staged = lock(&self.active).remove(&meta.txn_id);
-        if meta.incarnation != 0 && meta.incarnation != self.incarnation {
-            return Ok(Err(Rejection(
-                "the participant restarted since the branch was enlisted; its staged operations are lost"
-                    .into(),
-            )));
-        }
-        if lock(&self.expired).remove(&meta.txn_id).is_some() {
-            return Ok(Err(Rejection(
-                "the branch's staged operations expired before prepare".into(),
-            )));
-        }
-        let mut ops = staged.map(|b| b.ops).unwrap_or_default();
-        if !payload.is_empty() {
-            let decoded = match v1::KvOps::decode(payload.as_ref()) {
-                Ok(decoded) => decoded,
-                Err(e) => return Ok(Err(Rejection(format!("malformed payload: {e}")))),
-            };
-            for (index, op) in decoded.ops.iter().enumerate() {
-                if let Err(message) = self.validate_op(index, op) {
-                    return Ok(Err(Rejection(message)));
-                }
-            }
-            ops.extend(decoded.ops);
-        }
-        if ops.len() > self.limits.max_ops_per_branch {
-            return Ok(Err(Rejection(format!(
-                "{} operations exceed the limit of {} per branch",
-                ops.len(),
-                self.limits.max_ops_per_branch
-            ))));
-        }
+        let ops = match self.staging.take(meta, payload) {
+            Ok(ops) => ops,
+            Err(rejection) => return Ok(Err(rejection)),
+        };
         let mut keys: Vec<Vec<u8>> = ops
             .iter()
             .filter_map(|op| op.op.as_ref().map(|o| eval::key_of(o).to_vec()))
@@ -460,6 +292,13 @@ fn stored_writes(writes: Writes) -> Vec<StoredWrite> {
         .collect()
 }
 
+impl SledStore {
+    /// The staged, not yet prepared, operations and the limits.
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+}
+
 impl ResourceManager for SledStore {
     async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> Result<StoreVote, StoreError> {
         fail::fail_point!("participant::prepare::received", |_| std::process::abort());
@@ -504,7 +343,6 @@ impl ResourceManager for SledStore {
         // with its locks. The flusher shares this fsync with concurrent prepares.
         self.flusher.flush().await?;
         fail::fail_point!("participant::prepare::flushed", |_| std::process::abort());
-        self.prepares.fetch_add(1, Ordering::Relaxed);
         Ok(StoreVote::Yes)
     }
 
@@ -541,7 +379,7 @@ impl ResourceManager for SledStore {
     }
 
     async fn abort(&self, txn_id: TxnId) -> Result<(), StoreError> {
-        lock(&self.active).remove(&txn_id);
+        self.staging.discard(&txn_id);
         let prepared = self.prepared.get(txn_id.as_bytes()).map_err(io)?;
         let record = match &prepared {
             Some(bytes) => Some(decode::<PreparedRecord>(bytes, "prepared")?),

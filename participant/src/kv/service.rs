@@ -12,8 +12,31 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::debug;
 
-use super::SledStore;
+use super::{SledStore, Staging, Versioned};
 use crate::runtime::Runtime;
+use crate::store::{ResourceManager, StoreError};
+
+/// A store that serves the key-value data API: committed reads, and staged writes that
+/// its `prepare` evaluates.
+pub trait KvStore: ResourceManager {
+    fn staging(&self) -> &Staging;
+
+    /// A key's committed value (never a prepared, undecided one).
+    fn read(
+        &self,
+        key: &[u8],
+    ) -> impl std::future::Future<Output = Result<Versioned, StoreError>> + Send;
+}
+
+impl KvStore for SledStore {
+    fn staging(&self) -> &Staging {
+        SledStore::staging(self)
+    }
+
+    async fn read(&self, key: &[u8]) -> Result<Versioned, StoreError> {
+        self.get(key)
+    }
+}
 
 /// Where the participant enlists its branches.
 #[derive(Debug, Clone)]
@@ -26,16 +49,25 @@ pub struct Enlistment {
 }
 
 /// The Kv service.
-#[derive(Debug, Clone)]
-pub struct KvService {
-    runtime: Arc<Runtime<SledStore>>,
+#[derive(Debug)]
+pub struct KvService<S> {
+    runtime: Arc<Runtime<S>>,
     enlistment: Option<Enlistment>,
 }
 
-impl KvService {
+impl<S> Clone for KvService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            runtime: self.runtime.clone(),
+            enlistment: self.enlistment.clone(),
+        }
+    }
+}
+
+impl<S: KvStore> KvService<S> {
     /// With `enlistment: None`, staged branches are not enlisted anywhere (a participant
     /// driven directly through its Participant service).
-    pub fn new(runtime: Arc<Runtime<SledStore>>, enlistment: Option<Enlistment>) -> Self {
+    pub fn new(runtime: Arc<Runtime<S>>, enlistment: Option<Enlistment>) -> Self {
         Self {
             runtime,
             enlistment,
@@ -44,13 +76,13 @@ impl KvService {
 }
 
 #[tonic::async_trait]
-impl Kv for KvService {
+impl<S: KvStore> Kv for KvService<S> {
     async fn get(
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
         let key = request.into_inner().key;
-        let store = self.runtime.store();
+        let store = self.runtime.store().staging();
         if key.is_empty() || key.len() > store.limits().max_key_bytes {
             return Err(Status::invalid_argument(format!(
                 "key must be 1 to {} bytes, got {}",
@@ -58,8 +90,11 @@ impl Kv for KvService {
                 key.len()
             )));
         }
-        let value = store
-            .get(&key)
+        let value = self
+            .runtime
+            .store()
+            .read(&key)
+            .await
             .map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(v1::GetResponse {
             found: value.value.is_some(),
@@ -78,7 +113,7 @@ impl Kv for KvService {
         if request.ops.is_empty() {
             return Err(Status::invalid_argument("no operations"));
         }
-        let store = self.runtime.store();
+        let store = self.runtime.store().staging();
         // Validate everything before touching any state.
         for (index, op) in request.ops.iter().enumerate() {
             store
