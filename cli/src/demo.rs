@@ -46,6 +46,11 @@ pub struct DemoArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Make participant p2 a PostgreSQL participant on this server (a URL such as
+    /// postgres://postgres@127.0.0.1:5432/postgres; max_prepared_transactions > 0).
+    /// Its `ratify_kv` table must hold no accounts of an earlier demo.
+    #[arg(long)]
+    pub postgres: Option<String>,
     /// Crash points for participant p2 (tests of the checks themselves).
     #[arg(long, hide = true)]
     pub p2_failpoints: Option<String>,
@@ -320,6 +325,7 @@ pub async fn run(args: DemoArgs) -> CliResult<u8> {
         prepare_timeout_ms: 2_000,
         termination_deadline_ms: 1_000,
         participant_env,
+        stores: vec![None, args.postgres.clone()],
     })
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     stack

@@ -38,6 +38,7 @@ pub async fn run(args: DevArgs) -> CliResult<u8> {
         prepare_timeout_ms: 5_000,
         termination_deadline_ms: 5_000,
         participant_env: Vec::new(),
+        stores: Vec::new(),
     })
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     remember_ports(&args.dir, &stack);

@@ -21,6 +21,8 @@ pub struct StackConfig {
     pub participant_ports: Vec<u16>,
     pub prepare_timeout_ms: u64,
     pub termination_deadline_ms: u64,
+    /// Per participant (index): `--store` (None: sled in the stack's directory).
+    pub stores: Vec<Option<String>>,
     /// Extra environment per participant (index), e.g. FAILPOINTS in tests.
     pub participant_env: Vec<(usize, String, String)>,
 }
@@ -83,10 +85,14 @@ impl LocalStack {
                 .filter(|(index, _, _)| *index == i)
                 .map(|(_, k, v)| (k.as_str(), v.as_str()))
                 .collect();
+            let store: Vec<String> = match config.stores.get(i) {
+                Some(Some(store)) => vec!["--store".into(), store.clone()],
+                _ => Vec::new(),
+            };
             participants.push(Proc::try_start(
                 &name,
                 exe.clone(),
-                vec![
+                [
                     "participant".into(),
                     "--data-dir".into(),
                     config.dir.join(&name).display().to_string(),
@@ -98,7 +104,10 @@ impl LocalStack {
                     config.termination_deadline_ms.to_string(),
                     "--termination-backoff-max-ms".into(),
                     "2000".into(),
-                ],
+                ]
+                .into_iter()
+                .chain(store)
+                .collect(),
                 &listen_on(config.participant_ports.get(i).copied().unwrap_or(0)),
                 &env,
                 config.dir.join(format!("{name}.log")),

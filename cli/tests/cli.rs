@@ -22,6 +22,7 @@ fn stack(dir: &std::path::Path) -> LocalStack {
         prepare_timeout_ms: 2_000,
         termination_deadline_ms: 500,
         participant_env: Vec::new(),
+        stores: Vec::new(),
     })
     .expect("the stack starts")
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
-use crate::kv::service::{Enlistment, KvService};
+use crate::kv::service::{Enlistment, KvService, KvStore};
 use crate::kv::{KvLimits, SledStore};
 use crate::runtime::{Runtime, RuntimeConfig, connect_lazy};
 use crate::service::ParticipantService;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Address to listen on (port 0 picks a free port; the bound address is printed).
     #[arg(long, env = "RATIFY_PARTICIPANT_LISTEN")]
     pub listen: Option<String>,
+    /// The store: "sled" (default, in --data-dir) or a PostgreSQL URL
+    /// (postgres://user@host:port/db; the server needs max_prepared_transactions > 0).
+    #[arg(long, env = "RATIFY_PARTICIPANT_STORE")]
+    pub store: Option<String>,
     /// Directory for the sled database.
     #[arg(long, env = "RATIFY_PARTICIPANT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -81,6 +85,7 @@ pub struct Args {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    store: Option<String>,
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     name: Option<String>,
@@ -100,6 +105,7 @@ struct FileConfig {
 /// Settings after merging flags, environment, file and defaults.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    pub store: Option<String>,
     pub listen: String,
     pub data_dir: PathBuf,
     pub advertise: Option<String>,
@@ -168,6 +174,7 @@ impl Args {
                 .unwrap_or(limit_defaults.active_branch_timeout),
         };
         Ok(Settings {
+            store: self.store.or(file.store),
             listen: self
                 .listen
                 .or(file.listen)
@@ -204,15 +211,68 @@ fn max_message_bytes(settings: &Settings) -> usize {
 
 /// Runs the daemon until SIGTERM or Ctrl-C (or a fatal storage failure).
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
-    let store = Arc::new(SledStore::open(
-        &settings.data_dir,
-        settings.limits.clone(),
-    )?);
+    match settings.store.as_deref() {
+        None | Some("sled") => {
+            std::fs::create_dir_all(&settings.data_dir)
+                .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
+            let store = Arc::new(SledStore::open(
+                &settings.data_dir,
+                settings.limits.clone(),
+            )?);
+            serve(settings, store, |_| {}).await
+        }
+        #[cfg(feature = "postgres")]
+        Some(conninfo)
+            if conninfo.starts_with("postgres://")
+                || conninfo.starts_with("postgresql://")
+                || conninfo.contains("host=") =>
+        {
+            let mut options = crate::pg::PgOptions::new(conninfo, settings.runtime.name.clone());
+            options.limits = settings.limits.clone();
+            let store = Arc::new(
+                crate::pg::PgStore::open(options)
+                    .await
+                    .context("opening the PostgreSQL store")?,
+            );
+            serve(
+                settings,
+                store,
+                |runtime: Arc<Runtime<crate::pg::PgStore>>| {
+                    // PostgreSQL never times out a prepared transaction: look for ones of
+                    // this participant that the runtime does not know, and resolve them.
+                    tokio::spawn(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                            match runtime.store().scan_prepared().await {
+                                Ok(found) => {
+                                    runtime.adopt_prepared(found);
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%error, "scanning pg_prepared_xacts failed")
+                                }
+                            }
+                        }
+                    });
+                },
+            )
+            .await
+        }
+        Some(other) => anyhow::bail!(
+            "--store {other:?}: expected \"sled\" or a PostgreSQL URL (postgres://user@host:port/db)"
+        ),
+    }
+}
+
+/// Serves a store: recovers it, then the Participant and Kv services until shutdown.
+async fn serve<S: KvStore>(
+    settings: Settings,
+    store: Arc<S>,
+    extra: impl FnOnce(Arc<Runtime<S>>),
+) -> anyhow::Result<()> {
     let runtime = Runtime::recover(store.clone(), settings.runtime.clone())
         .await
         .context("recovering prepared branches")?;
+    extra(runtime.clone());
 
     let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
@@ -272,7 +332,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<ParticipantServer<ParticipantService<SledStore>>>()
+        .set_serving::<ParticipantServer<ParticipantService<S>>>()
         .await;
 
     let max_message = max_message_bytes(&settings);

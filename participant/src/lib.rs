@@ -11,11 +11,15 @@
 //!
 //! [`kv::SledStore`] is the built-in store: a transactional key-value store over sled with
 //! key locks, versions, `Put`/`Delete`/`Add`/`Check` and group-committed flushes. The
-//! `ratify-participant` binary ([`daemon`]) serves it.
+//! `ratify-participant` binary ([`daemon`]) serves it. With the `postgres` feature (on by
+//! default), [`pg::PgStore`] makes a PostgreSQL database a participant through
+//! `PREPARE TRANSACTION`.
 
 pub mod branch;
 pub mod daemon;
 pub mod kv;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod runtime;
 pub mod service;
 pub mod store;

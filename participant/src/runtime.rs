@@ -438,6 +438,32 @@ impl<R: ResourceManager> Runtime<R> {
             .unwrap_or_else(|e| Err((Code::Internal, format!("one-phase commit failed: {e}"))))
     }
 
+    /// Takes in prepared branches the store found that the runtime does not know (e.g.
+    /// PostgreSQL prepared transactions left by an earlier process); they ask the
+    /// coordinator for their outcome at once. Known branches are left as they are.
+    pub fn adopt_prepared(&self, branches: Vec<crate::store::PreparedBranch>) -> usize {
+        let mut table = self.lock_branches();
+        let mut adopted = 0;
+        for branch in branches {
+            table.entry(branch.meta.txn_id).or_insert_with(|| {
+                adopted += 1;
+                warn!(txn = %branch.meta.txn_id, "adopting a prepared branch the runtime did not know");
+                Entry {
+                    state: BranchState::Prepared {
+                        epoch: branch.meta.epoch,
+                        digest: branch.meta.digest,
+                    },
+                    since_unix_ms: branch.prepared_at_unix_ms,
+                    inquiry: Inquiry {
+                        next_at: Some(Instant::now()),
+                        ..Inquiry::default()
+                    },
+                }
+            });
+        }
+        adopted
+    }
+
     /// Prepared branches, oldest first, cut at `limit`; and how many there are in all.
     pub fn in_doubt(&self, limit: usize) -> (Vec<InDoubt>, usize) {
         let branches = self.lock_branches();

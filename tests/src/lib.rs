@@ -52,6 +52,10 @@ pub struct StackOptions {
     pub coordinator_args: Vec<String>,
     pub termination_deadline_ms: u64,
     pub prepare_timeout_ms: u64,
+    /// Per participant: `--store` (None: sled).
+    pub stores: Vec<Option<String>>,
+    /// Per participant index: extra environment (e.g. FAILPOINTS).
+    pub participant_env: Vec<(usize, String, String)>,
 }
 
 impl Default for StackOptions {
@@ -62,6 +66,8 @@ impl Default for StackOptions {
             coordinator_args: Vec::new(),
             termination_deadline_ms: 500,
             prepare_timeout_ms: 3_000,
+            stores: Vec::new(),
+            participant_env: Vec::new(),
         }
     }
 }
@@ -105,23 +111,33 @@ impl Stack {
         let participants = (0..options.participants)
             .map(|i| {
                 let name = format!("p{}", i + 1);
+                let mut args: Vec<String> = vec![
+                    "--data-dir".into(),
+                    dir.path().join(&name).display().to_string(),
+                    "--name".into(),
+                    name.clone(),
+                    "--coordinator".into(),
+                    coordinator.endpoint(),
+                    "--termination-deadline-ms".into(),
+                    options.termination_deadline_ms.to_string(),
+                    "--termination-backoff-max-ms".into(),
+                    "1000".into(),
+                ];
+                if let Some(Some(store)) = options.stores.get(i) {
+                    args.extend(["--store".to_string(), store.clone()]);
+                }
+                let env: Vec<(&str, &str)> = options
+                    .participant_env
+                    .iter()
+                    .filter(|(index, _, _)| *index == i)
+                    .map(|(_, k, v)| (k.as_str(), v.as_str()))
+                    .collect();
                 Proc::start(
                     &name,
                     binary("ratify-participant"),
-                    vec![
-                        "--data-dir".into(),
-                        dir.path().join(&name).display().to_string(),
-                        "--name".into(),
-                        name.clone(),
-                        "--coordinator".into(),
-                        coordinator.endpoint(),
-                        "--termination-deadline-ms".into(),
-                        options.termination_deadline_ms.to_string(),
-                        "--termination-backoff-max-ms".into(),
-                        "1000".into(),
-                    ],
+                    args,
                     "127.0.0.1:0",
-                    &[],
+                    &env,
                     dir.path().join(format!("{name}.log")),
                 )
             })
@@ -290,4 +306,173 @@ pub async fn stage(endpoint: &str, txn: &[u8], ops: Vec<v1::KvOp>) -> Result<u32
         })
         .await
         .map(|r| r.into_inner().staged)
+}
+
+/// A throwaway PostgreSQL server: initdb into a temporary directory, a free port,
+/// `max_prepared_transactions` set, stopped on drop. The server refuses to run as root,
+/// so as root it runs as the `postgres` system user.
+#[derive(Debug)]
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+    {
+        return dir;
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|r| {
+            r.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|b| b.join("initdb").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or under /usr/lib/postgresql: \
+             install them (apt-get install postgresql-15); .ci/run does"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+impl PgServer {
+    pub fn start() -> Self {
+        let bin = pg_bin_dir();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        if is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("running chown");
+            assert!(
+                status.success(),
+                "chown of the PostgreSQL temp dir failed (is there a postgres user?)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let server = Self { dir, port, bin };
+        let data = server.dir.path().join("data");
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &data.display().to_string(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        server.pg_ctl_start();
+        server
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> String {
+        let program = self.bin.join(tool);
+        let mut command = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let out = command.args(args).output().unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL could not be started: running {}: {e}",
+                program.display()
+            )
+        });
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "PostgreSQL could not be started: {tool} failed: {text}\nserver log:\n{}",
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+        text
+    }
+
+    fn pg_ctl_start(&self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let log = self.dir.path().join("log").display().to_string();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_prepared_transactions=64 -c fsync=on",
+            self.port,
+            self.dir.path().display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D", &data, "-l", &log, "-w", "-t", "60", "start", "-o", &options,
+            ],
+        );
+    }
+
+    /// Stops the server (fast shutdown) and starts it again on the same data and port.
+    pub fn restart(&self) {
+        let data = self.dir.path().join("data").display().to_string();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        self.pg_ctl_start();
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connecting to the test PostgreSQL server");
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Global ids in `pg_prepared_xacts`.
+    pub async fn prepared(&self) -> Vec<String> {
+        self.client()
+            .await
+            .query("SELECT gid FROM pg_prepared_xacts", &[])
+            .await
+            .expect("reading pg_prepared_xacts")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data").display().to_string();
+        let program = self.bin.join("pg_ctl");
+        let mut command = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            std::process::Command::new(&program)
+        };
+        let _ = command
+            .args(["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
 }
