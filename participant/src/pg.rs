@@ -274,6 +274,12 @@ impl PgStore {
         })
     }
 
+    /// The incarnation to enlist branches under (see [`Staging::incarnation`]): a branch
+    /// begun before this process restarted votes NO, its open transaction being gone.
+    pub fn incarnation(&self) -> u64 {
+        self.staging.incarnation()
+    }
+
     /// Begins a branch for `txn_id` (or joins the open one) for a data service's own SQL.
     pub async fn branch(&self, txn_id: TxnId) -> Result<PgBranch, StoreError> {
         if let Some(branch) = lock(&self.open).get(&txn_id) {
