@@ -38,7 +38,10 @@ async fn reserve(
     // A CHECK (stock >= 0) violation here makes the prepare vote NO with PostgreSQL's
     // message; the whole transaction then aborts.
     branch
-        .execute("UPDATE stock SET quantity = quantity - $2 WHERE item = $1", &[&item, &quantity])
+        .execute(
+            "UPDATE stock SET quantity = quantity - $2 WHERE item = $1",
+            &[&item, &quantity],
+        )
         .await?;
     Ok(())
 }
@@ -46,11 +49,22 @@ async fn reserve(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().ok_or("usage: pg_orders POSTGRES_URL COORDINATOR_URL")?;
-    let coordinator_url = args.next().ok_or("usage: pg_orders POSTGRES_URL COORDINATOR_URL")?;
+    let url = args
+        .next()
+        .ok_or("usage: pg_orders POSTGRES_URL COORDINATOR_URL")?;
+    let coordinator_url = args
+        .next()
+        .ok_or("usage: pg_orders POSTGRES_URL COORDINATOR_URL")?;
     let name = "orders";
 
     let store = Arc::new(PgStore::open(PgOptions::new(&url, name)).await?);
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    db.batch_execute(
+        "CREATE TABLE IF NOT EXISTS stock (item text PRIMARY KEY, quantity int NOT NULL CHECK (quantity >= 0));
+         INSERT INTO stock VALUES ('widget', 10) ON CONFLICT DO NOTHING",
+    )
+    .await?;
     let config = RuntimeConfig {
         name: name.into(),
         coordinator: Some(coordinator_url.clone()),
@@ -75,7 +89,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = format!("http://{}", listener.local_addr()?);
     let mut coordinator = CoordinatorClient::connect(coordinator_url).await?;
     coordinator
-        .register(v1::RegisterRequest { participant: name.into(), endpoint: endpoint.clone() })
+        .register(v1::RegisterRequest {
+            participant: name.into(),
+            endpoint: endpoint.clone(),
+        })
         .await?;
     println!("orders participant listening on {endpoint}");
 
@@ -86,9 +103,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic::transport::Server::builder()
         .add_service(ParticipantServer::new(ParticipantService::new(runtime)))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
         .await?;
     Ok(())
 }
