@@ -278,6 +278,14 @@ impl SledStore {
     }
 }
 
+/// The crash point `participant::commit::drop_writes` (only with the `failpoints`
+/// feature): when set, a commit is acknowledged without applying its writes, so tests can
+/// check that the checkers catch a broken participant.
+fn drop_writes_for_test() -> bool {
+    fail::fail_point!("participant::commit::drop_writes", |_| true);
+    false
+}
+
 /// A branch's writes and the keys it locked.
 type Evaluated = (Writes, Vec<Vec<u8>>);
 
@@ -363,11 +371,7 @@ impl ResourceManager for SledStore {
         let mut record: PreparedRecord = decode(&bytes, "prepared")?;
         // A deliberate bug for tests of the checkers (compiled in only with the
         // `failpoints` feature): acknowledge the commit but apply nothing.
-        let drop_writes = (|| {
-            fail::fail_point!("participant::commit::drop_writes", |_| true);
-            false
-        })();
-        if drop_writes {
+        if drop_writes_for_test() {
             record.writes.clear();
         }
         self.apply(txn_id, &record.writes, record.digest)?;
