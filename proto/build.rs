@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/ratify/v1/admin.proto",
         "proto/ratify/v1/kv.proto",
         "proto/ratify/v1/wal.proto",
+        "proto/ratify/v1/echo.proto",
     ];
     let fds = protox::compile(files, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

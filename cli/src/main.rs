@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use ratify_cli::client::exit;
 use ratify_cli::commands::{self, Ctx, KvCmd, TxnCmd};
 use ratify_cli::output::Format;
-use ratify_cli::{demo, dev};
+use ratify_cli::{bench, demo, dev};
 
 #[derive(Debug, Parser)]
 #[command(name = "ratify", version, about = "Ratify: two-phase commit across services.", long_about = None)]
@@ -51,6 +51,14 @@ enum Command {
     /// A self-contained bank-transfer run that crashes and recovers the coordinator and
     /// checks that money is conserved.
     Demo(demo::DemoArgs),
+    /// Measure throughput and latency beside the machine's own ceilings.
+    Bench(bench::BenchArgs),
+    /// Serve the gRPC echo used as the bench's ceiling.
+    #[command(hide = true)]
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
     /// Run the coordinator daemon (as `ratify-coordinator`).
     #[command(hide = true)]
     Coordinator(ratify_coordinator::daemon::Args),
@@ -91,6 +99,8 @@ fn main() -> ExitCode {
             Command::Participants => commands::participants(&ctx).await,
             Command::Dev(args) => dev::run(args).await,
             Command::Demo(args) => demo::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
+            Command::EchoServer { listen } => bench::serve_echo(&listen).await,
             Command::Coordinator(_) | Command::Participant(_) => unreachable!("handled above"),
         }
     });

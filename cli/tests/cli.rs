@@ -401,3 +401,52 @@ fn the_demo_reports_failure_when_a_participant_breaks_atomicity() {
         "{failed:?}"
     );
 }
+
+#[test]
+fn bench_reports_every_figure_beside_its_ceilings() {
+    // A smoke test: the bench runs end to end and prints its JSON; no timing is asserted.
+    let out = Command::new(RATIFY)
+        .args([
+            "bench",
+            "--duration",
+            "1s",
+            "--concurrency",
+            "4",
+            "--memory-probe",
+            "200",
+            "--json",
+            "--exe",
+            RATIFY,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    for field in [
+        "committed_per_s",
+        "aborted_per_s",
+        "p50_ms",
+        "p99_ms",
+        "p999_ms",
+        "echo_rpc_per_s",
+        "fsync_per_s",
+        "rpcs_per_txn",
+        "ratio",
+        "coordinator_batch_records",
+        "coordinator_fsyncs_per_s",
+        "participant_flush_batch",
+        "server_cpu_s_per_txn",
+        "model_p50_ms",
+        "coordinator_bytes_per_txn_in_flight",
+    ] {
+        assert!(last[field].is_number(), "{field} missing in {last}");
+    }
+    assert!(last["committed_per_s"].as_f64().unwrap() > 0.0);
+    assert!(last["peak_rss_bytes"]["coordinator"].as_u64().unwrap() > 0);
+}

@@ -11,7 +11,6 @@ use clap::Parser;
 use ratify_proto::v1::admin_server::AdminServer;
 use ratify_proto::v1::coordinator_server::CoordinatorServer;
 use serde::Deserialize;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::info;
 
 use crate::engine::EngineConfig;
@@ -269,7 +268,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(coordinator)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown_signal(),
+        )
         .await
         .context("serving gRPC")?;
     info!("coordinator stopped");

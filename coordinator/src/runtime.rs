@@ -87,6 +87,16 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Counters of the driver (for the Admin GetStats RPC and `ratify bench`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// RPCs sent to participants (a batched RPC counts once) and the branches they carried.
+    pub participant_rpcs: AtomicU64,
+    pub participant_branches: AtomicU64,
+    pub committed: AtomicU64,
+    pub aborted: AtomicU64,
+}
+
 /// A cheap handle to the running coordinator.
 #[derive(Clone)]
 pub struct Handle {
@@ -94,6 +104,8 @@ pub struct Handle {
     next_req: Arc<AtomicU64>,
     pub registry: Arc<Registry>,
     epoch: u64,
+    pub counters: Arc<Counters>,
+    log_stats: Arc<dyn Fn() -> crate::log::LogStats + Send + Sync>,
 }
 
 impl std::fmt::Debug for Handle {
@@ -107,6 +119,10 @@ impl std::fmt::Debug for Handle {
 impl Handle {
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    pub fn log_stats(&self) -> crate::log::LogStats {
+        (self.log_stats)()
     }
 
     /// Sends a client request and waits for its reply.
@@ -164,6 +180,7 @@ struct Driver<L> {
     outbound: HashMap<String, Outbound>,
     events: mpsc::UnboundedSender<Command>,
     registry: Arc<Registry>,
+    counters: Arc<Counters>,
 }
 
 /// Replays the log, recovers unfinished transactions, and starts the driver task.
@@ -198,7 +215,10 @@ pub async fn start<L: DecisionLog>(
         outbound: HashMap::new(),
         events: commands.clone(),
         registry: registry.clone(),
+        counters: Arc::new(Counters::default()),
     };
+    let counters = driver.counters.clone();
+    let stats_log = driver.log.clone();
     fail::fail_point!("coordinator::recovery", |_| std::process::abort());
     driver.perform(actions);
     info!(
@@ -214,6 +234,8 @@ pub async fn start<L: DecisionLog>(
         next_req: Arc::new(AtomicU64::new(1)),
         registry,
         epoch,
+        counters,
+        log_stats: Arc::new(move || stats_log.stats()),
     }
 }
 
@@ -327,6 +349,12 @@ impl<L: DecisionLog> Driver<L> {
                 } => {
                     let channel = self.outbound(&participant, &endpoint).channel.clone();
                     let events = self.events.clone();
+                    self.counters
+                        .participant_rpcs
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .participant_branches
+                        .fetch_add(1, Ordering::Relaxed);
                     let timeout = self.config.phase2_rpc_timeout;
                     tokio::spawn(async move {
                         let result = match channel {
@@ -433,8 +461,14 @@ impl<L: DecisionLog> Driver<L> {
                     started_at,
                 } => {
                     let label = match outcome {
-                        crate::engine::Outcome::Committed => "committed",
-                        _ => "aborted",
+                        crate::engine::Outcome::Committed => {
+                            self.counters.committed.fetch_add(1, Ordering::Relaxed);
+                            "committed"
+                        }
+                        _ => {
+                            self.counters.aborted.fetch_add(1, Ordering::Relaxed);
+                            "aborted"
+                        }
                     };
                     metrics::counter!("ratify_decisions_total", "outcome" => label).increment(1);
                     let seconds = self.clock.now().saturating_sub(started_at) as f64 / 1000.0;
@@ -460,6 +494,7 @@ impl<L: DecisionLog> Driver<L> {
                 endpoint.to_string(),
                 self.events.clone(),
                 &self.config,
+                self.counters.clone(),
             );
             self.outbound.insert(participant.to_string(), out);
         }
@@ -490,6 +525,7 @@ fn spawn_outbound(
     endpoint: String,
     events: mpsc::UnboundedSender<Command>,
     config: &RuntimeConfig,
+    counters: Arc<Counters>,
 ) -> Outbound {
     let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
         .ok()
@@ -513,6 +549,7 @@ fn spawn_outbound(
         let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
         let timeout = config.prepare_rpc_timeout;
         tokio::spawn(batch_loop(
+            counters.clone(),
             prepare_rx,
             max_batch,
             in_flight,
@@ -592,6 +629,7 @@ fn spawn_outbound(
         let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
         let timeout = config.phase2_rpc_timeout;
         tokio::spawn(batch_loop(
+            counters.clone(),
             receiver,
             max_batch,
             in_flight,
@@ -684,6 +722,7 @@ fn spawn_outbound(
 /// Sends whatever has queued up as one RPC, with at most `in_flight` RPCs outstanding:
 /// while one batch is on the wire the next one gathers (group commit on the wire).
 async fn batch_loop<T, F, Fut>(
+    counters: Arc<Counters>,
     mut receiver: mpsc::UnboundedReceiver<T>,
     max_batch: usize,
     in_flight: usize,
@@ -705,6 +744,10 @@ async fn batch_loop<T, F, Fut>(
                 Err(_) => break,
             }
         }
+        counters.participant_rpcs.fetch_add(1, Ordering::Relaxed);
+        counters
+            .participant_branches
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let fut = send(batch);
         tokio::spawn(async move {
             fut.await;

@@ -495,6 +495,31 @@ impl Admin for AdminService {
         }
     }
 
+    async fn get_stats(
+        &self,
+        _request: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::CoordinatorStats>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = self.handle.log_stats();
+        let counters = &self.handle.counters;
+        let in_flight = self
+            .handle
+            .query(|engine| engine.in_flight() as u64)
+            .await
+            .ok_or_else(stopped)?;
+        Ok(Response::new(v1::CoordinatorStats {
+            epoch: self.handle.epoch(),
+            log_records: log.records,
+            log_batches: log.batches,
+            log_fsyncs: log.fsyncs,
+            participant_rpcs: counters.participant_rpcs.load(Relaxed),
+            participant_branches: counters.participant_branches.load(Relaxed),
+            committed: counters.committed.load(Relaxed),
+            aborted: counters.aborted.load(Relaxed),
+            in_flight,
+        }))
+    }
+
     async fn list_participants(
         &self,
         _request: Request<v1::ListParticipantsRequest>,

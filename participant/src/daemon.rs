@@ -14,7 +14,6 @@ use ratify_proto::v1::coordinator_client::CoordinatorClient;
 use ratify_proto::v1::kv_server::KvServer;
 use ratify_proto::v1::participant_server::ParticipantServer;
 use serde::Deserialize;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info};
 
 use crate::kv::service::{Enlistment, KvService, KvStore};
@@ -366,7 +365,10 @@ async fn serve<S: KvStore>(
         .add_service(health_service)
         .add_service(participant)
         .add_service(kv)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .context("serving gRPC")?;
     let _ = shutdown_tx.send(true);

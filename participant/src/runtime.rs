@@ -120,6 +120,8 @@ pub struct Runtime<R> {
     /// Messages for one transaction are handled one at a time; striping bounds memory.
     stripes: Vec<tokio::sync::Mutex<()>>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// Branches this process prepared (voted YES for).
+    pub prepared_total: std::sync::atomic::AtomicU64,
 }
 
 impl<R: ResourceManager> Runtime<R> {
@@ -179,6 +181,7 @@ impl<R: ResourceManager> Runtime<R> {
             branches: Mutex::new(branches),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             fatal: tokio::sync::watch::channel(None).0,
+            prepared_total: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -280,7 +283,11 @@ impl<R: ResourceManager> Runtime<R> {
                     match self.store.prepare(meta, payload).await {
                         Ok(store_vote) => {
                             let vote = match store_vote {
-                                StoreVote::Yes => Vote::Yes,
+                                StoreVote::Yes => {
+                                    self.prepared_total
+                                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    Vote::Yes
+                                }
                                 StoreVote::No { reason } => Vote::No { reason },
                                 StoreVote::ReadOnly => Vote::ReadOnly,
                             };

@@ -182,6 +182,21 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         }
     }
 
+    async fn get_stats(
+        &self,
+        _request: Request<v1::ParticipantStatsRequest>,
+    ) -> Result<Response<v1::ParticipantStats>, Status> {
+        let stats = self.runtime.store().stats();
+        Ok(Response::new(v1::ParticipantStats {
+            flushes: stats.flushes,
+            flush_waiters: stats.flush_waiters,
+            prepared: self
+                .runtime
+                .prepared_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }))
+    }
+
     async fn list_in_doubt(
         &self,
         request: Request<v1::ListInDoubtRequest>,

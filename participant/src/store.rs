@@ -96,6 +96,13 @@ pub enum StoreError {
     Refused(String),
 }
 
+/// Counters a store may report (flushes shared by group commit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub flushes: u64,
+    pub flush_waiters: u64,
+}
+
 /// A data service's store, driven by the participant runtime.
 ///
 /// The runtime guarantees that calls for one transaction id never overlap, that
@@ -148,6 +155,11 @@ pub trait ResourceManager: Send + Sync + 'static {
     /// Drops tombstones the runtime no longer keeps (retention passed). No durability
     /// required.
     fn forget(&self, txn_ids: Vec<TxnId>) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counters for monitoring; none by default.
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 }
 
 #[cfg(test)]

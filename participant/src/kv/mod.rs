@@ -484,6 +484,21 @@ impl ResourceManager for SledStore {
         Ok(recovered)
     }
 
+    fn stats(&self) -> crate::store::StoreStats {
+        crate::store::StoreStats {
+            flushes: self
+                .flusher
+                .stats
+                .flushes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            flush_waiters: self
+                .flusher
+                .stats
+                .waiters
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
     async fn forget(&self, txn_ids: Vec<TxnId>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for txn_id in txn_ids {
