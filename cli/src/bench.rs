@@ -496,6 +496,12 @@ async fn measure(
         "participant_flush_batch": waiters / flushes.max(1.0),
         "participant_flushes_per_s": flushes / run.elapsed,
         "server_cpu_s_per_txn": server_cpu / txns,
+        "cpu_s_per_txn_by_process": target
+            .pids
+            .iter()
+            .zip(cpu_after.iter().zip(&cpu_before))
+            .map(|((name, _), (a, b))| (name.clone(), json!((a - b) / txns)))
+            .collect::<serde_json::Map<_, _>>(),
         "bench_cpu_s_per_txn": self_cpu / txns,
     }))
 }

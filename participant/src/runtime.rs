@@ -120,6 +120,10 @@ pub struct Runtime<R> {
     /// Messages for one transaction are handled one at a time; striping bounds memory.
     stripes: Vec<tokio::sync::Mutex<()>>,
     fatal: tokio::sync::watch::Sender<Option<String>>,
+    /// How many entries of `branches` are prepared (kept so a prepare need not count).
+    prepared_now: std::sync::atomic::AtomicUsize,
+    /// Finished branches in the order they finished, for tombstone collection.
+    finished_order: Mutex<std::collections::VecDeque<(u64, TxnId)>>,
     /// Branches this process prepared (voted YES for).
     pub prepared_total: std::sync::atomic::AtomicU64,
 }
@@ -152,6 +156,12 @@ impl<R: ResourceManager> Runtime<R> {
             );
         }
         let prepared = recovered.prepared.len();
+        let mut finished: Vec<(u64, TxnId)> = branches
+            .iter()
+            .map(|(t, e): (&TxnId, &Entry)| (e.since_unix_ms, *t))
+            .collect();
+        finished.sort_unstable();
+        let finished_order: std::collections::VecDeque<(u64, TxnId)> = finished.into();
         for branch in recovered.prepared {
             branches.insert(
                 branch.meta.txn_id,
@@ -181,6 +191,8 @@ impl<R: ResourceManager> Runtime<R> {
             branches: Mutex::new(branches),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             fatal: tokio::sync::watch::channel(None).0,
+            prepared_now: std::sync::atomic::AtomicUsize::new(prepared),
+            finished_order: Mutex::new(finished_order),
             prepared_total: std::sync::atomic::AtomicU64::new(0),
         }))
     }
@@ -216,28 +228,37 @@ impl<R: ResourceManager> Runtime<R> {
     }
 
     fn set_state(&self, txn_id: TxnId, state: BranchState) {
-        let inquiry = match state {
-            BranchState::Prepared { .. } => Inquiry {
+        use std::sync::atomic::Ordering::Relaxed;
+        let prepared = matches!(state, BranchState::Prepared { .. });
+        let inquiry = if prepared {
+            Inquiry {
                 next_at: Some(Instant::now() + self.config.termination_deadline),
                 ..Inquiry::default()
-            },
-            _ => Inquiry::default(),
+            }
+        } else {
+            Inquiry::default()
         };
-        self.lock_branches().insert(
+        let now = unix_ms();
+        let previous = self.lock_branches().insert(
             txn_id,
             Entry {
                 state,
-                since_unix_ms: unix_ms(),
+                since_unix_ms: now,
                 inquiry,
             },
         );
+        if previous.is_some_and(|e| matches!(e.state, BranchState::Prepared { .. })) {
+            self.prepared_now.fetch_sub(1, Relaxed);
+        }
+        if prepared {
+            self.prepared_now.fetch_add(1, Relaxed);
+        } else {
+            lock(&self.finished_order).push_back((now, txn_id));
+        }
     }
 
     fn prepared_count(&self) -> usize {
-        self.lock_branches()
-            .values()
-            .filter(|e| matches!(e.state, BranchState::Prepared { .. }))
-            .count()
+        self.prepared_now.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn store_failed(&self, error: &StoreError) -> (Code, String) {
@@ -454,6 +475,8 @@ impl<R: ResourceManager> Runtime<R> {
         for branch in branches {
             table.entry(branch.meta.txn_id).or_insert_with(|| {
                 adopted += 1;
+                self.prepared_now
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(txn = %branch.meta.txn_id, "adopting a prepared branch the runtime did not know");
                 Entry {
                     state: BranchState::Prepared {
@@ -598,23 +621,29 @@ impl<R: ResourceManager> Runtime<R> {
             u64::try_from(self.config.tombstone_retention.as_millis()).unwrap_or(u64::MAX);
         let now = unix_ms();
         let expired: Vec<TxnId> = {
-            let mut branches = self.lock_branches();
-            let mut finished: Vec<(u64, TxnId)> = branches
-                .iter()
-                .filter(|(_, e)| !matches!(e.state, BranchState::Prepared { .. }))
-                .map(|(t, e)| (e.since_unix_ms, *t))
-                .collect();
-            let over = finished.len().saturating_sub(self.config.max_tombstones);
-            finished.sort_unstable();
-            let expired: Vec<TxnId> = finished
-                .iter()
-                .enumerate()
-                .filter(|(i, (since, _))| *i < over || now.saturating_sub(*since) > retention_ms)
-                .map(|(_, (_, t))| *t)
-                .collect();
-            for txn_id in &expired {
-                branches.remove(txn_id);
+            // Oldest first: pop while over the count or past retention.
+            let mut order = lock(&self.finished_order);
+            let mut expired = Vec::new();
+            while let Some(&(since, txn_id)) = order.front() {
+                if order.len() <= self.config.max_tombstones
+                    && now.saturating_sub(since) <= retention_ms
+                {
+                    break;
+                }
+                order.pop_front();
+                expired.push(txn_id);
             }
+            drop(order);
+            let mut branches = self.lock_branches();
+            expired.retain(|txn_id| {
+                let finished = branches
+                    .get(txn_id)
+                    .is_some_and(|e| !matches!(e.state, BranchState::Prepared { .. }));
+                if finished {
+                    branches.remove(txn_id);
+                }
+                finished
+            });
             expired
         };
         if !expired.is_empty() {
@@ -639,6 +668,10 @@ pub fn connect_lazy(endpoint: &str) -> Option<tonic::transport::Channel> {
             None
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Milliseconds since the Unix epoch.
