@@ -181,6 +181,9 @@ struct Driver<L> {
     events: mpsc::UnboundedSender<Command>,
     registry: Arc<Registry>,
     counters: Arc<Counters>,
+    /// Armed timers by (deadline, arming order).
+    timers: std::collections::BTreeMap<(Millis, u64), (TxnId, crate::engine::Timer)>,
+    timer_seq: u64,
 }
 
 /// Replays the log, recovers unfinished transactions, and starts the driver task.
@@ -216,6 +219,8 @@ pub async fn start<L: DecisionLog>(
         events: commands.clone(),
         registry: registry.clone(),
         counters: Arc::new(Counters::default()),
+        timers: std::collections::BTreeMap::new(),
+        timer_seq: 0,
     };
     let counters = driver.counters.clone();
     let stats_log = driver.log.clone();
@@ -243,7 +248,19 @@ impl<L: DecisionLog> Driver<L> {
     async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Command>) {
         let mut gauges = tokio::time::interval(Duration::from_secs(1));
         loop {
+            let next_timer = self
+                .timers
+                .keys()
+                .next()
+                .map(|(at, _)| self.clock.instant(*at));
+            let timer = async move {
+                match next_timer {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                _ = timer => self.fire_due_timers(),
                 command = receiver.recv() => {
                     let Some(command) = command else { return };
                     self.command(command);
@@ -257,6 +274,20 @@ impl<L: DecisionLog> Driver<L> {
                 }
                 _ = gauges.tick() => self.report_gauges(),
             }
+        }
+    }
+
+    /// Feeds every timer that is due. One ordered map instead of a task per timer: a
+    /// transaction arms two (lifetime, prepare deadline), most of which fire long after it
+    /// finished and are then ignored by the engine.
+    fn fire_due_timers(&mut self) {
+        let now = self.clock.now();
+        while let Some(entry) = self.timers.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (txn, timer) = entry.remove();
+            self.feed(Input::Timer { txn, timer });
         }
     }
 
@@ -448,12 +479,8 @@ impl<L: DecisionLog> Driver<L> {
                     }
                 }
                 Action::ArmTimer { txn, timer, at } => {
-                    let events = self.events.clone();
-                    let deadline = self.clock.instant(at);
-                    tokio::spawn(async move {
-                        tokio::time::sleep_until(deadline).await;
-                        let _ = events.send(Command::Event(Input::Timer { txn, timer }));
-                    });
+                    self.timer_seq += 1;
+                    self.timers.insert((at, self.timer_seq), (txn, timer));
                 }
                 Action::Finished {
                     txn,
