@@ -531,8 +531,12 @@ impl<L: DecisionLog> Driver<L> {
 
 /// A refusal the participant will repeat however often it is asked.
 fn refused_for_good(status: &tonic::Status) -> bool {
+    is_refusal(status.code())
+}
+
+fn is_refusal(code: tonic::Code) -> bool {
     matches!(
-        status.code(),
+        code,
         tonic::Code::InvalidArgument
             | tonic::Code::FailedPrecondition
             | tonic::Code::ResourceExhausted
@@ -616,9 +620,21 @@ fn spawn_outbound(
                                 continue;
                             };
                             let vote = match (v1::Vote::try_from(r.vote), &r.error) {
-                                (_, Some(e)) => VoteResult::No {
-                                    reason: format!(
-                                        "refused ({}): {}",
+                                // A refusal the participant made before touching its
+                                // store is a NO; any other error leaves the branch's state
+                                // unknown (it may have prepared), so it still gets an Abort.
+                                (_, Some(e)) if is_refusal(tonic::Code::from_i32(e.code)) => {
+                                    VoteResult::No {
+                                        reason: format!(
+                                            "refused ({}): {}",
+                                            tonic::Code::from_i32(e.code),
+                                            e.message
+                                        ),
+                                    }
+                                }
+                                (_, Some(e)) => VoteResult::Failed {
+                                    error: format!(
+                                        "{}: {}",
                                         tonic::Code::from_i32(e.code),
                                         e.message
                                     ),

@@ -290,8 +290,16 @@ impl PgStore {
         let branch = PgBranch {
             conn: Arc::new(tokio::sync::Mutex::new(conn)),
         };
-        lock(&self.open).entry(txn_id).or_insert(branch.clone());
-        Ok(branch)
+        let stored = lock(&self.open)
+            .entry(txn_id)
+            .or_insert_with(|| branch.clone())
+            .clone();
+        if !Arc::ptr_eq(&stored.conn, &branch.conn) {
+            // Another call for the same transaction won: never pool a connection that is
+            // inside a transaction.
+            let _ = branch.conn.lock().await.batch_execute("ROLLBACK").await;
+        }
+        Ok(stored)
     }
 
     /// Prepared transactions of this participant on the server, with their metadata.
@@ -497,7 +505,10 @@ impl PgStore {
                     let _ = branch.conn.lock().await.batch_execute("ROLLBACK").await;
                     Ok(Err(message))
                 }
-                None => Err(io(e)),
+                None => {
+                    let _ = branch.conn.lock().await.batch_execute("ROLLBACK").await;
+                    Err(io(e))
+                }
             },
         }
     }
@@ -528,6 +539,9 @@ impl ResourceManager for PgStore {
             conn.batch_execute("BEGIN").await.map_err(io)?;
             let checked = self.apply_ops(&conn, &ops).await;
             let _ = conn.batch_execute("ROLLBACK").await;
+            // Released before the tombstone takes a connection of its own: holding one
+            // while waiting for another could exhaust the pool.
+            drop(conn);
             return match checked {
                 Ok(Ok(())) => {
                     self.tombstone(&meta.txn_id, "read-only", Some(meta.digest))
@@ -562,6 +576,7 @@ impl ResourceManager for PgStore {
             .await
             .batch_execute(&format!("PREPARE TRANSACTION '{gid}'"))
             .await;
+        drop(branch);
         if let Err(e) = prepared {
             return match db_message(&e) {
                 // PostgreSQL rolled the transaction back (e.g. a serialization failure).
@@ -592,10 +607,11 @@ impl ResourceManager for PgStore {
         };
         let conn = self.pool.get().await?;
         // COMMIT PREPARED is durable on return; the outcome row commits with it.
-        match conn
+        let committed = conn
             .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
-            .await
-        {
+            .await;
+        drop(conn);
+        match committed {
             Ok(()) => {}
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
                 if self.outcome(&txn_id).await?.as_deref() != Some("committed") {
@@ -618,10 +634,11 @@ impl ResourceManager for PgStore {
         }
         if let Some(gid) = self.find_gid(&txn_id).await? {
             let conn = self.pool.get().await?;
-            match conn
+            let rolled_back = conn
                 .batch_execute(&format!("ROLLBACK PREPARED '{gid}'"))
-                .await
-            {
+                .await;
+            drop(conn);
+            match rolled_back {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {}
                 Err(e) => return Err(io(e)),
@@ -636,6 +653,16 @@ impl ResourceManager for PgStore {
         meta: BranchMeta,
         payload: Bytes,
     ) -> Result<OnePhaseOutcome, StoreError> {
+        // A retry whose first attempt's answer was lost: the outcome row decides.
+        match self.outcome(&meta.txn_id).await?.as_deref() {
+            Some("committed") => return Ok(OnePhaseOutcome::Committed),
+            Some(_) => {
+                return Ok(OnePhaseOutcome::Aborted {
+                    reason: "the branch was aborted".into(),
+                });
+            }
+            None => {}
+        }
         let ops = match self.staging.take(&meta, &payload) {
             Ok(ops) => ops,
             Err(Rejection(reason)) => {
@@ -644,15 +671,21 @@ impl ResourceManager for PgStore {
                 return Ok(OnePhaseOutcome::Aborted { reason });
             }
         };
-        let branch = match self.run_branch(&meta, &ops).await? {
-            Ok(branch) => branch,
-            Err(reason) => {
+        let branch = match self.run_branch(&meta, &ops).await {
+            Ok(Ok(branch)) => branch,
+            Ok(Err(reason)) => {
                 self.tombstone(&meta.txn_id, "aborted", Some(meta.digest))
                     .await?;
                 return Ok(OnePhaseOutcome::Aborted { reason });
             }
+            Err(error) => {
+                // Nothing was committed: keep the operations for the retry.
+                self.staging.restore(meta.txn_id, ops);
+                return Err(error);
+            }
         };
         let committed = branch.conn.lock().await.batch_execute("COMMIT").await;
+        drop(branch);
         match committed {
             Ok(()) => Ok(OnePhaseOutcome::Committed),
             Err(e) => match db_message(&e) {
@@ -661,7 +694,16 @@ impl ResourceManager for PgStore {
                         .await?;
                     Ok(OnePhaseOutcome::Aborted { reason })
                 }
-                None => Err(io(e)),
+                None => {
+                    // The connection broke around COMMIT: the outcome row, written in
+                    // the same transaction, tells whether it took effect.
+                    if self.outcome(&meta.txn_id).await?.as_deref() == Some("committed") {
+                        Ok(OnePhaseOutcome::Committed)
+                    } else {
+                        self.staging.restore(meta.txn_id, ops);
+                        Err(io(e))
+                    }
+                }
             },
         }
     }

@@ -357,6 +357,9 @@ pub struct Txn {
     pub abort_reason: String,
     /// Whether any record of it was written (so an END is owed).
     logged: bool,
+    /// An operator's resolution record is being forced: END must wait for it, so the log
+    /// never holds a decision record after the END of its transaction.
+    resolution_pending: bool,
     waiting_decision: Vec<ReqId>,
     waiting_phase2: Vec<ReqId>,
     pub timeline: Vec<Event>,
@@ -547,6 +550,7 @@ impl Engine {
                 one_phase: false,
                 abort_reason: String::new(),
                 logged: true,
+                resolution_pending: false,
                 waiting_decision: Vec::new(),
                 waiting_phase2: Vec::new(),
                 timeline: Vec::new(),
@@ -710,6 +714,7 @@ impl Engine {
             one_phase: false,
             abort_reason: String::new(),
             logged: false,
+            resolution_pending: false,
             waiting_decision: Vec::new(),
             waiting_phase2: Vec::new(),
             timeline: Vec::new(),
@@ -1252,6 +1257,7 @@ impl Engine {
         };
         if !t.branches.is_empty() || forced_by.is_some() {
             t.logged = true;
+            t.resolution_pending = forced_by.is_some();
             actions.push(Action::Append {
                 record,
                 // Not forced (presumed abort: a lost abort record reads as abort anyway),
@@ -1274,6 +1280,16 @@ impl Engine {
 
     fn durable(&mut self, now: Millis, txn: TxnId, what: Durable, actions: &mut Vec<Action>) {
         let Some(t) = self.txns.get_mut(&txn) else {
+            if let Durable::Resolution { req } = what {
+                let outcome = self.outcome(&txn, false);
+                actions.push(Action::Reply {
+                    req,
+                    reply: Reply::Resolved {
+                        outcome,
+                        message: "resolution logged; the transaction has finished".into(),
+                    },
+                });
+            }
             return;
         };
         match what {
@@ -1292,6 +1308,7 @@ impl Engine {
                 self.start_phase2(now, txn, actions);
             }
             Durable::Resolution { req } => {
+                t.resolution_pending = false;
                 let outcome = outcome_of(t.decision.expect("resolved transactions are decided"));
                 self.note_txn(
                     txn,
@@ -1501,7 +1518,7 @@ impl Engine {
         if t.decision.is_none() || (t.decision == Some(Decision::Commit) && !t.decision_durable) {
             return;
         }
-        if !t.pending().is_empty() {
+        if !t.pending().is_empty() || t.resolution_pending {
             return;
         }
         if t.logged {
@@ -1699,7 +1716,8 @@ impl Engine {
             }
             (Some(d), _) => {
                 // The same decision again: audit it (forced), then re-drive phase 2 at once.
-                let t = self.txns.get(&txn).expect("present");
+                let t = self.txns.get_mut(&txn).expect("present");
+                t.resolution_pending = true;
                 actions.push(Action::Append {
                     record: LogRecord::Decision {
                         txn,

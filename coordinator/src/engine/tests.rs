@@ -1160,3 +1160,84 @@ proptest! {
         prop_assert!(decisions.windows(2).all(|w| w[0] == w[1]), "decisions changed: {decisions:?}");
     }
 }
+
+#[test]
+fn a_resolution_racing_the_last_ack_is_answered_and_end_follows_it() {
+    let mut e = Engine::new(config(), 1);
+    let t = id(50);
+    begin_with(&mut e, t, &["a", "b"]);
+    e.handle(
+        1,
+        Input::Commit {
+            txn: t,
+            wait_for_phase2: false,
+            req: ReqId(9),
+        },
+    );
+    vote(&mut e, t, "a", VoteResult::Yes);
+    vote(&mut e, t, "b", VoteResult::Yes);
+    e.handle(
+        6,
+        Input::Durable {
+            txn: t,
+            what: Durable::CommitDecision,
+        },
+    );
+    e.handle(
+        7,
+        Input::Ack {
+            txn: t,
+            participant: "a".into(),
+            result: Ok(()),
+        },
+    );
+    let actions = e.handle(
+        8,
+        Input::Resolve {
+            txn: t,
+            decision: Decision::Commit,
+            actor: "ops".into(),
+            reason: "nudge".into(),
+            req: ReqId(30),
+        },
+    );
+    assert!(matches!(
+        &appends(&actions)[..],
+        [(LogRecord::Decision { .. }, Some(Durable::Resolution { .. }))]
+    ));
+    // The last ack arrives before the resolution record is durable: no END yet.
+    let actions = e.handle(
+        9,
+        Input::Ack {
+            txn: t,
+            participant: "b".into(),
+            result: Ok(()),
+        },
+    );
+    assert!(
+        appends(&actions).is_empty(),
+        "END must wait for the resolution record: {actions:?}"
+    );
+    let actions = e.handle(
+        10,
+        Input::Durable {
+            txn: t,
+            what: Durable::Resolution { req: ReqId(30) },
+        },
+    );
+    assert!(
+        matches!(&appends(&actions)[..], [(LogRecord::End { .. }, None)]),
+        "{actions:?}"
+    );
+    assert!(
+        matches!(
+            &replies(&actions)[..],
+            [Reply::Resolved {
+                outcome: Outcome::Committed,
+                ..
+            }]
+        ),
+        "{actions:?}"
+    );
+    assert_eq!(e.in_flight(), 0);
+}

@@ -170,8 +170,9 @@ pub trait DecisionLog: Send + Sync + 'static {
     /// Concurrent calls share one fsync (group commit).
     fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<(), LogError>> + Send;
 
-    /// Appends without waiting: the records are ordered before any later append and become
-    /// durable with the next forced one. For records whose loss is safe (presumed abort).
+    /// Appends without waiting: the records are ordered before any later append and are
+    /// made durable with their batch, but nobody waits for that. For records whose loss is
+    /// safe (presumed abort).
     fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError>;
 
     /// The records recovered when the log was opened, oldest first (taken once).

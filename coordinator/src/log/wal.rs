@@ -426,10 +426,10 @@ impl Writer {
         self.file
             .write_all(&buf)
             .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
-        let forced = batch.iter().any(|r| r.done.is_some());
-        if forced {
-            self.sync()?;
-        }
+        // Every batch is synced, waited for or not: then a valid frame on disk always
+        // follows durable ones, so damage before a valid frame is corruption, never a
+        // reordered write-back of unsynced pages after a power loss.
+        self.sync()?;
         self.len += buf.len() as u64;
         self.counters
             .records

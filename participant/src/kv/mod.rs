@@ -414,6 +414,17 @@ impl ResourceManager for SledStore {
         meta: BranchMeta,
         payload: Bytes,
     ) -> Result<OnePhaseOutcome, StoreError> {
+        // A retry of a one-phase commit whose answer was lost: answer from the tombstone.
+        if let Some(tombstone) = self.finished.get(meta.txn_id.as_bytes()).map_err(io)? {
+            return Ok(
+                match decode::<TombstoneRecord>(&tombstone, "tombstone")?.finished_as {
+                    1 => OnePhaseOutcome::Committed,
+                    _ => OnePhaseOutcome::Aborted {
+                        reason: "the branch was aborted".into(),
+                    },
+                },
+            );
+        }
         let (writes, keys) = match self.evaluate_branch(&meta, &payload)? {
             Ok(evaluated) => evaluated,
             Err(Rejection(reason)) => {

@@ -115,6 +115,20 @@ impl Staging {
         Ok(branch.ops.len())
     }
 
+    /// Puts operations taken by [`Staging::take`] back, ahead of any staged since, when the
+    /// store could not finish with them (an I/O error before the outcome was decided), so a
+    /// retry sees the whole branch again.
+    pub fn restore(&self, txn_id: TxnId, mut ops: Vec<v1::KvOp>) {
+        let mut active = lock(&self.active);
+        let branch = active.entry(txn_id).or_insert_with(|| ActiveBranch {
+            ops: Vec::new(),
+            touched: Instant::now(),
+        });
+        ops.append(&mut branch.ops);
+        branch.ops = ops;
+        branch.touched = Instant::now();
+    }
+
     /// Drops a branch's staged operations (it aborted).
     pub fn discard(&self, txn_id: &TxnId) {
         lock(&self.active).remove(txn_id);
