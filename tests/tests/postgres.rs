@@ -270,3 +270,87 @@ async fn a_prepared_branch_survives_a_postgres_restart_and_commits() {
         stack.logs()
     );
 }
+
+fn meta_for(txn: TxnId, payload: &bytes::Bytes) -> ratify_participant::store::BranchMeta {
+    ratify_participant::store::BranchMeta {
+        txn_id: txn,
+        epoch: 1,
+        digest: ratify_participant::store::PayloadDigest::of(payload),
+        incarnation: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_never_deadlocks_on_its_pool_and_one_phase_retries_answer_the_first_outcome() {
+    use ratify_participant::pg::{PgOptions, PgStore};
+    use ratify_participant::store::{OnePhaseOutcome, ResourceManager, StoreVote};
+
+    let pg = PgServer::start();
+    let mut options = PgOptions::new(pg.url(), "store-test");
+    options.max_connections = 2;
+    let store = std::sync::Arc::new(PgStore::open(options).await.unwrap());
+
+    // Failed checks record a tombstone; with a pool of two, eight at once must not wait
+    // for a second connection while holding one.
+    let check = payload(vec![v1::KvOp {
+        op: Some(v1::kv_op::Op::Check(v1::Check {
+            key: b"nope".to_vec().into(),
+            version: 9,
+        })),
+    }]);
+    let prepares = (0..8).map(|_| {
+        let (store, check) = (store.clone(), check.clone());
+        tokio::spawn(async move {
+            store
+                .prepare(meta_for(TxnId::generate(), &check), check)
+                .await
+        })
+    });
+    let votes = tokio::time::timeout(Duration::from_secs(20), futures_join(prepares.collect()))
+        .await
+        .expect("concurrent prepares deadlocked on the connection pool");
+    for vote in votes {
+        assert!(matches!(vote, StoreVote::No { .. }), "{vote:?}");
+    }
+
+    // A one-phase commit whose answer was lost is retried: the retry answers COMMITTED
+    // from the outcome row and applies nothing twice.
+    let txn = TxnId::generate();
+    let ops = payload(vec![add("counter", 5, None)]);
+    let first = store
+        .commit_one_phase(meta_for(txn, &ops), ops.clone())
+        .await
+        .unwrap();
+    let again = store
+        .commit_one_phase(meta_for(txn, &ops), ops.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (first, again),
+        (OnePhaseOutcome::Committed, OnePhaseOutcome::Committed)
+    );
+    let row = pg
+        .client()
+        .await
+        .query_one(
+            "SELECT value, version FROM ratify_kv WHERE key = 'counter'::bytea",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (value, version): (Vec<u8>, i64) = (row.get(0), row.get(1));
+    assert_eq!((value.as_slice(), version), (b"5".as_slice(), 1));
+}
+
+async fn futures_join<T>(
+    handles: Vec<tokio::task::JoinHandle<Result<T, ratify_participant::store::StoreError>>>,
+) -> Vec<T>
+where
+    T: Send + 'static,
+{
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task").expect("store call"));
+    }
+    out
+}
