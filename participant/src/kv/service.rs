@@ -120,17 +120,23 @@ impl<S: KvStore> Kv for KvService<S> {
                 .validate_op(index, op)
                 .map_err(Status::invalid_argument)?;
         }
-        let _serial = self.runtime.lock_txn(&txn_id).await;
-        if let Some(state) = self.runtime.state_of(&txn_id) {
-            return Err(Status::failed_precondition(format!(
+        let past_staging = |state| {
+            Status::failed_precondition(format!(
                 "transaction {txn_id} is past staging on this participant ({state:?})"
-            )));
-        }
-        if !store.is_active(&txn_id)
-            && let Some(enlistment) = &self.enlistment
-        {
-            // Enlist before accepting the first write: a branch the coordinator does
-            // not know would never be prepared, and its writes would silently vanish.
+            ))
+        };
+        let first_write = {
+            let _serial = self.runtime.lock_txn(&txn_id).await;
+            if let Some(state) = self.runtime.state_of(&txn_id) {
+                return Err(past_staging(state));
+            }
+            !store.is_active(&txn_id)
+        };
+        if first_write && let Some(enlistment) = &self.enlistment {
+            // Enlist before accepting the first write: a branch the coordinator does not
+            // know would never be prepared, and its writes would silently vanish. Not under
+            // the transaction's lock: that stripe also serves other transactions, and the
+            // call may take seconds. (Enlisting twice is harmless.)
             let mut client = enlistment.coordinator.clone();
             let enlist = v1::EnlistRequest {
                 txn_id: txn_id.to_vec().into(),
@@ -148,6 +154,11 @@ impl<S: KvStore> Kv for KvService<S> {
                     )
                 })?;
             debug!(txn = %txn_id, "enlisted");
+        }
+        let _serial = self.runtime.lock_txn(&txn_id).await;
+        // A prepare may have come in while enlisting: then these writes are too late.
+        if let Some(state) = self.runtime.state_of(&txn_id) {
+            return Err(past_staging(state));
         }
         let staged = store.stage(txn_id, request.ops)?;
         Ok(Response::new(v1::StageResponse {
