@@ -37,6 +37,12 @@ fn txn_id(bytes: &bytes::Bytes) -> Result<TxnId, Status> {
     TxnId::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    Commit,
+    Abort,
+}
+
 fn branch_error(refused: Refused) -> v1::BranchError {
     v1::BranchError {
         code: refused.0 as i32,
@@ -56,6 +62,28 @@ impl<R: ResourceManager> ParticipantService<R> {
             )));
         }
         Ok(())
+    }
+
+    /// Applies one decision to every entry of a batch, concurrently, each answered on its own.
+    async fn decide(
+        &self,
+        branches: &[v1::DecisionBranch],
+        decision: Decision,
+    ) -> Result<Vec<v1::AckResult>, Status> {
+        let entries = self.decision_entries(branches)?;
+        Ok(
+            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
+                let result = match decision {
+                    Decision::Commit => self.runtime.commit(txn_id, epoch).await,
+                    Decision::Abort => self.runtime.abort(txn_id, epoch).await,
+                };
+                v1::AckResult {
+                    txn_id: txn_id.to_vec().into(),
+                    error: result.err().map(branch_error),
+                }
+            }))
+            .await,
+        )
     }
 
     /// Validates a whole batch of decision entries before acting on any, so a malformed
@@ -118,20 +146,9 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         &self,
         request: Request<v1::CommitRequest>,
     ) -> Result<Response<v1::CommitResponse>, Status> {
-        let entries = self.decision_entries(&request.into_inner().branches)?;
-        let results =
-            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
-                v1::AckResult {
-                    txn_id: txn_id.to_vec().into(),
-                    error: self
-                        .runtime
-                        .commit(txn_id, epoch)
-                        .await
-                        .err()
-                        .map(branch_error),
-                }
-            }))
-            .await;
+        let results = self
+            .decide(&request.into_inner().branches, Decision::Commit)
+            .await?;
         Ok(Response::new(v1::CommitResponse { results }))
     }
 
@@ -139,20 +156,9 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         &self,
         request: Request<v1::AbortRequest>,
     ) -> Result<Response<v1::AbortResponse>, Status> {
-        let entries = self.decision_entries(&request.into_inner().branches)?;
-        let results =
-            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
-                v1::AckResult {
-                    txn_id: txn_id.to_vec().into(),
-                    error: self
-                        .runtime
-                        .abort(txn_id, epoch)
-                        .await
-                        .err()
-                        .map(branch_error),
-                }
-            }))
-            .await;
+        let results = self
+            .decide(&request.into_inner().branches, Decision::Abort)
+            .await?;
         Ok(Response::new(v1::AbortResponse { results }))
     }
 

@@ -158,6 +158,25 @@ impl Stack {
         out
     }
 
+    /// Waits until nothing is in doubt on the coordinator or any participant (a liveness
+    /// bound, not a timing assertion), and fails with every process's log otherwise.
+    pub async fn settle(&self) {
+        let c = self.coordinator.endpoint();
+        let ok = eventually(Duration::from_secs(30), || async {
+            if !coordinator_in_doubt(&c).await.is_some_and(|l| l.is_empty()) {
+                return false;
+            }
+            for p in &self.participants {
+                if !in_doubt(&p.endpoint()).await.is_some_and(|l| l.is_empty()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert!(ok, "in-doubt transactions did not drain\n{}", self.logs());
+    }
+
     /// Waits until the coordinator's registry knows every participant.
     pub async fn wait_registered(&self) {
         let want = self.participants.len();

@@ -1,13 +1,11 @@
 //! A real coordinator and real participants over gRPC on loopback: transactions commit
 //! atomically, NO votes abort, and bad input gets its status with no state change.
 
-use std::time::Duration;
-
 use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_tests::{
-    Stack, StackOptions, add, admin, coordinator, coordinator_in_doubt, eventually, get, in_doubt,
-    payload, put, stage,
+    Stack, StackOptions, add, admin, coordinator, coordinator_in_doubt, get, in_doubt, payload,
+    put, stage,
 };
 
 fn execute_branch(participant: &str, ops: Vec<v1::KvOp>) -> v1::ExecuteBranch {
@@ -15,23 +13,6 @@ fn execute_branch(participant: &str, ops: Vec<v1::KvOp>) -> v1::ExecuteBranch {
         participant: participant.into(),
         payload: payload(ops),
     }
-}
-
-async fn settle(stack: &Stack) {
-    let c = stack.coordinator.endpoint();
-    let ok = eventually(Duration::from_secs(30), || async {
-        if !coordinator_in_doubt(&c).await.is_some_and(|l| l.is_empty()) {
-            return false;
-        }
-        for p in &stack.participants {
-            if !in_doubt(&p.endpoint()).await.is_some_and(|l| l.is_empty()) {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-    assert!(ok, "in-doubt transactions did not drain\n{}", stack.logs());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -81,7 +62,7 @@ async fn transfers_commit_on_both_sides_or_neither() {
         .unwrap()
         .into_inner();
     assert_eq!(committed.outcome(), v1::Outcome::Committed, "{committed:?}");
-    settle(&stack).await;
+    stack.settle().await;
     assert_eq!(get(&p1, "alice").await, (Some("70".into()), 2));
     assert_eq!(get(&p2, "bob").await, (Some("30".into()), 2));
     let outcome = client
@@ -131,7 +112,7 @@ async fn transfers_commit_on_both_sides_or_neither() {
         "{}",
         aborted.reason
     );
-    settle(&stack).await;
+    stack.settle().await;
     assert_eq!(get(&p1, "alice").await, (Some("70".into()), 2));
     assert_eq!(get(&p2, "bob").await, (Some("30".into()), 2));
     // A commit of an aborted transaction answers ABORTED (the commit was asked for).

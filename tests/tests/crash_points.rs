@@ -5,10 +5,7 @@
 use std::time::Duration;
 
 use ratify_proto::v1;
-use ratify_tests::{
-    Stack, StackOptions, add, coordinator, coordinator_in_doubt, eventually, get, in_doubt,
-    payload, put, stage,
-};
+use ratify_tests::{Stack, StackOptions, add, coordinator, get, payload, put, stage};
 
 /// Opens balances with one-phase commits (these pass none of the crash points).
 async fn open_accounts(stack: &Stack) {
@@ -64,23 +61,6 @@ async fn transfer(stack: &Stack) -> Option<v1::Outcome> {
         .map(|r| r.into_inner().outcome())
 }
 
-async fn settle(stack: &Stack) {
-    let c = stack.coordinator.endpoint();
-    let ok = eventually(Duration::from_secs(30), || async {
-        if !coordinator_in_doubt(&c).await.is_some_and(|l| l.is_empty()) {
-            return false;
-        }
-        for p in &stack.participants {
-            if !in_doubt(&p.endpoint()).await.is_some_and(|l| l.is_empty()) {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
-    assert!(ok, "in-doubt transactions did not drain\n{}", stack.logs());
-}
-
 async fn balances(stack: &Stack) -> (String, String) {
     (
         get(&stack.participants[0].endpoint(), "a")
@@ -123,7 +103,7 @@ async fn crash_then_recover(point: &str, during_recovery: bool) {
         );
     }
     stack.coordinator.restart(&[]);
-    settle(&stack).await;
+    stack.settle().await;
 
     // Every crash point here lies after the COMMIT decision was durable: the transfer
     // must be applied on both sides, exactly once.
@@ -147,7 +127,7 @@ async fn crash_then_recover(point: &str, during_recovery: bool) {
         "\n{}",
         stack.logs()
     );
-    settle(&stack).await;
+    stack.settle().await;
     assert_eq!(
         balances(&stack).await,
         ("80".to_string(), "120".to_string())
@@ -198,7 +178,7 @@ async fn crash_while_the_decision_record_is_half_written_aborts_by_presumption()
     stack.coordinator.restart(&[]);
     // The torn record is cut off on open: no decision, so the prepared branches hear
     // ABORTED through the termination protocol and release their locks.
-    settle(&stack).await;
+    stack.settle().await;
     assert_eq!(
         balances(&stack).await,
         ("100".to_string(), "100".to_string()),
