@@ -38,7 +38,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=8))]
     pub participants: u16,
     /// Accounts on each participant.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub accounts_per_participant: u16,
     /// Keep the temporary directory (data and logs) afterwards.
     #[arg(long)]
