@@ -445,3 +445,57 @@ async fn an_operator_can_abort_a_stuck_transaction_and_health_answers() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_served_for_prometheus() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let stack = Stack::start(StackOptions {
+        coordinator_args: vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")],
+        ..StackOptions::default()
+    });
+    stack.wait_registered().await;
+    let mut client = coordinator(&stack.coordinator.endpoint()).await.unwrap();
+    let r = client
+        .execute(v1::ExecuteRequest {
+            branches: vec![
+                execute_branch("p1", vec![put("m", "1")]),
+                execute_branch("p2", vec![put("m", "1")]),
+            ],
+            timeout_ms: 0,
+            wait_for_phase2: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcome(), v1::Outcome::Committed);
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).unwrap();
+        body
+    })
+    .await
+    .unwrap();
+    for metric in [
+        "ratify_decisions_total",
+        "ratify_commit_latency_seconds",
+        "ratify_wal_fsync_seconds",
+        "ratify_wal_batch_records",
+    ] {
+        assert!(
+            body.contains(metric),
+            "{metric} missing from /metrics:\n{body}"
+        );
+    }
+    assert!(
+        body.contains("ratify_decisions_total{outcome=\"committed\"} 1"),
+        "{body}"
+    );
+}
