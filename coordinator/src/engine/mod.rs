@@ -896,25 +896,13 @@ impl Engine {
     ) {
         let epoch = self.epoch;
         let Some(t) = self.txns.get_mut(&txn) else {
-            // Forgotten after END (or committed in one phase): answer what is remembered.
-            return match self.recent_outcomes.get(&txn) {
-                Some((Outcome::Aborted, false)) => actions.push(refused(
-                    req,
-                    Refusal::FailedPrecondition(format!("transaction {txn} was aborted")),
-                )),
-                Some((outcome, _)) => actions.push(Action::Reply {
-                    req,
-                    reply: Reply::Outcome {
-                        txn,
-                        outcome: *outcome,
-                        reason: String::new(),
-                    },
-                }),
-                None => actions.push(refused(
-                    req,
-                    Refusal::NotFound(format!("no transaction {txn}")),
-                )),
+            // Forgotten after END (or committed in one phase): answer what is remembered; a
+            // commit of a transaction the client aborted is refused.
+            let refuse = |outcome: Outcome, commit_requested: bool| {
+                (outcome == Outcome::Aborted && !commit_requested)
+                    .then(|| format!("transaction {txn} was aborted"))
             };
+            return self.answer_forgotten(txn, req, refuse, actions);
         };
         match t.state {
             TxnState::Active => {}
@@ -1018,6 +1006,31 @@ impl Engine {
         }
     }
 
+    /// Answers a client command about a transaction no longer held: its remembered outcome,
+    /// a refusal when `refuse` says the command contradicts it, or NOT_FOUND.
+    fn answer_forgotten(
+        &self,
+        txn: TxnId,
+        req: ReqId,
+        refuse: impl Fn(Outcome, bool) -> Option<String>,
+        actions: &mut Vec<Action>,
+    ) {
+        actions.push(match self.recent_outcomes.get(&txn) {
+            Some(&(outcome, commit_requested)) => match refuse(outcome, commit_requested) {
+                Some(message) => refused(req, Refusal::FailedPrecondition(message)),
+                None => Action::Reply {
+                    req,
+                    reply: Reply::Outcome {
+                        txn,
+                        outcome,
+                        reason: String::new(),
+                    },
+                },
+            },
+            None => refused(req, Refusal::NotFound(format!("no transaction {txn}"))),
+        });
+    }
+
     fn client_abort(
         &mut self,
         now: Millis,
@@ -1027,24 +1040,11 @@ impl Engine {
         actions: &mut Vec<Action>,
     ) {
         let Some(t) = self.txns.get(&txn) else {
-            return match self.recent_outcomes.get(&txn) {
-                Some((Outcome::Committed, _)) => actions.push(refused(
-                    req,
-                    Refusal::FailedPrecondition(format!("transaction {txn} is committed")),
-                )),
-                Some((outcome, _)) => actions.push(Action::Reply {
-                    req,
-                    reply: Reply::Outcome {
-                        txn,
-                        outcome: *outcome,
-                        reason: String::new(),
-                    },
-                }),
-                None => actions.push(refused(
-                    req,
-                    Refusal::NotFound(format!("no transaction {txn}")),
-                )),
+            // An abort never flips a remembered commit.
+            let refuse = |outcome: Outcome, _| {
+                (outcome == Outcome::Committed).then(|| format!("transaction {txn} is committed"))
             };
+            return self.answer_forgotten(txn, req, refuse, actions);
         };
         match (t.state, t.one_phase) {
             (TxnState::Active, _) | (TxnState::Preparing, false) => {
