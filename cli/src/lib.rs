@@ -5,6 +5,7 @@
 //! Both spawn `ratify` itself, through hidden `coordinator` and `participant`
 //! subcommands, so they need no other binary.
 
+pub mod bank;
 pub mod bench;
 pub mod client;
 pub mod commands;

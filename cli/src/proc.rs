@@ -150,6 +150,21 @@ impl Proc {
         }
     }
 
+    /// SIGSTOP: the process stays alive, holds its sockets and answers nothing, like a
+    /// VM frozen by its host.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Proc::pause`].
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGCONT);
+        }
+    }
+
     /// SIGTERM, then waits for the exit (killing it after 20 s).
     pub fn terminate(&mut self) -> Option<ExitStatus> {
         let mut child = self.child.take()?;

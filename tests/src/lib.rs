@@ -4,7 +4,14 @@
 //! test panics).
 //!
 //! The binaries are the ones `cargo test --workspace` builds next to the test executables
-//! (`target/<profile>/`); set `RATIFY_BIN_DIR` to use others.
+//! (`target/<profile>/`); set `RATIFY_BIN_DIR` to use others. A program that hosts the
+//! daemons itself (the `chaos` runner) passes its own executable instead.
+//!
+//! With [`StackOptions::network_faults`], every link between the coordinator and a
+//! participant runs through a [`proxy::FaultProxy`] in each direction, which the test can
+//! cut or delay ([`Link`]).
+
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -56,6 +63,12 @@ pub struct StackOptions {
     pub stores: Vec<Option<String>>,
     /// Per participant index: extra environment (e.g. FAILPOINTS).
     pub participant_env: Vec<(usize, String, String)>,
+    /// Route coordinator ↔ participant traffic through fault proxies. Needs a tokio
+    /// runtime (the proxies run on it).
+    pub network_faults: bool,
+    /// Run the daemons as `<exe> coordinator …` / `<exe> participant …` instead of the
+    /// separate binaries.
+    pub self_exe: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -68,7 +81,33 @@ impl Default for StackOptions {
             prepare_timeout_ms: 3_000,
             stores: Vec::new(),
             participant_env: Vec::new(),
+            network_faults: false,
+            self_exe: None,
         }
+    }
+}
+
+/// The two directions of traffic between the coordinator and one participant.
+#[derive(Debug)]
+pub struct Link {
+    /// Coordinator → participant (Prepare, Commit, Abort): the participant advertises
+    /// this proxy's address.
+    pub to_participant: proxy::FaultProxy,
+    /// Participant → coordinator (Enlist, GetOutcome, Register).
+    pub to_coordinator: proxy::FaultProxy,
+}
+
+impl Link {
+    /// Cuts both directions: the participant and the coordinator cannot reach each other
+    /// (clients still reach both).
+    pub fn cut(&self) {
+        self.to_participant.set_fault(proxy::LinkFault::Cut);
+        self.to_coordinator.set_fault(proxy::LinkFault::Cut);
+    }
+
+    pub fn heal(&self) {
+        self.to_participant.heal();
+        self.to_coordinator.heal();
     }
 }
 
@@ -78,6 +117,16 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub coordinator: Proc,
     pub participants: Vec<Proc>,
+    /// Per participant, with [`StackOptions::network_faults`].
+    pub links: Vec<Link>,
+}
+
+/// The program and leading arguments that run one daemon.
+fn daemon_command(options: &StackOptions, daemon: &str) -> (PathBuf, Vec<String>) {
+    match &options.self_exe {
+        Some(exe) => (exe.clone(), vec![daemon.to_string()]),
+        None => (binary(&format!("ratify-{daemon}")), Vec::new()),
+    }
 }
 
 impl Stack {
@@ -88,10 +137,14 @@ impl Stack {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        let (coordinator_exe, coordinator_prefix) = daemon_command(&options, "coordinator");
+        let (participant_exe, participant_prefix) = daemon_command(&options, "participant");
         let coordinator = Proc::start(
             "coordinator",
-            binary("ratify-coordinator"),
-            vec![
+            coordinator_exe,
+            coordinator_prefix
+                .into_iter()
+                .chain([
                 "--data-dir".into(),
                 dir.path().join("coordinator").display().to_string(),
                 "--prepare-timeout-ms".into(),
@@ -100,29 +153,45 @@ impl Stack {
                 "50".into(),
                 "--retry-max-ms".into(),
                 "500".into(),
-            ]
-            .into_iter()
+            ])
             .chain(options.coordinator_args.iter().cloned())
             .collect(),
             "127.0.0.1:0",
             &env,
             dir.path().join("coordinator.log"),
         );
+        let links: Vec<Link> = if options.network_faults {
+            (0..options.participants)
+                .map(|_| Link {
+                    to_participant: proxy::FaultProxy::start(None).expect("a proxy"),
+                    to_coordinator: proxy::FaultProxy::start(Some(coordinator.addr))
+                        .expect("a proxy"),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let participants = (0..options.participants)
             .map(|i| {
                 let name = format!("p{}", i + 1);
-                let mut args: Vec<String> = vec![
+                let mut args: Vec<String> = participant_prefix.clone();
+                args.extend([
                     "--data-dir".into(),
                     dir.path().join(&name).display().to_string(),
                     "--name".into(),
                     name.clone(),
                     "--coordinator".into(),
-                    coordinator.endpoint(),
+                    links
+                        .get(i)
+                        .map_or_else(|| coordinator.endpoint(), |l| l.to_coordinator.endpoint()),
                     "--termination-deadline-ms".into(),
                     options.termination_deadline_ms.to_string(),
                     "--termination-backoff-max-ms".into(),
                     "1000".into(),
-                ];
+                ]);
+                if let Some(link) = links.get(i) {
+                    args.extend(["--advertise".to_string(), link.to_participant.endpoint()]);
+                }
                 if let Some(Some(store)) = options.stores.get(i) {
                     args.extend(["--store".to_string(), store.clone()]);
                 }
@@ -132,20 +201,36 @@ impl Stack {
                     .filter(|(index, _, _)| *index == i)
                     .map(|(_, k, v)| (k.as_str(), v.as_str()))
                     .collect();
-                Proc::start(
+                let proc = Proc::start(
                     &name,
-                    binary("ratify-participant"),
+                    participant_exe.clone(),
                     args,
                     "127.0.0.1:0",
                     &env,
                     dir.path().join(format!("{name}.log")),
-                )
+                );
+                if let Some(link) = links.get(i) {
+                    link.to_participant.set_target(proc.addr);
+                }
+                proc
             })
             .collect();
         Self {
             dir,
             coordinator,
             participants,
+            links,
+        }
+    }
+
+    /// Heals every link and resumes every paused process.
+    pub fn heal_all(&self) {
+        for link in &self.links {
+            link.heal();
+        }
+        self.coordinator.resume();
+        for p in &self.participants {
+            p.resume();
         }
     }
 
