@@ -224,6 +224,12 @@ impl Proc {
         self.wait_exit(timeout)
     }
 
+    /// Starts it again without waiting for it to listen (it may stop at a crash point
+    /// before it serves).
+    pub fn restart_no_wait(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
+        self.respawn(env, false)
+    }
+
     fn respawn(&mut self, env: &[(&str, &str)], wait_listening: bool) -> Result<(), String> {
         self.kill9();
         let listen = self.addr.to_string();

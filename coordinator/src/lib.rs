@@ -9,6 +9,8 @@
 //! - [`service`]: the Coordinator and Admin gRPC services.
 //! - [`daemon`]: the `ratify-coordinator` binary (config, metrics, health, reflection).
 
+#[macro_use]
+mod crash;
 pub mod daemon;
 pub mod engine;
 pub mod log;

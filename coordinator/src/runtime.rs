@@ -224,7 +224,7 @@ pub async fn start<L: DecisionLog>(
     };
     let counters = driver.counters.clone();
     let stats_log = driver.log.clone();
-    fail::fail_point!("coordinator::recovery", |_| std::process::abort());
+    crash_point!("coordinator::recovery");
     driver.perform(actions);
     info!(
         epoch,
@@ -300,8 +300,7 @@ impl<L: DecisionLog> Driver<L> {
             Command::Event(input) => {
                 if let Input::Ack { result: Ok(()), .. } = &input {
                     // Crash point: phase 2 reached one participant (C6).
-                    fail::fail_point!("coordinator::phase2_acknowledged", |_| std::process::abort(
-                    ));
+                    crash_point!("coordinator::phase2_acknowledged");
                 }
                 self.feed(input)
             }
@@ -446,7 +445,7 @@ impl<L: DecisionLog> Driver<L> {
                 } => {
                     if let LogRecord::End { .. } = record {
                         // Crash point: every participant acknowledged, END not written (C7).
-                        fail::fail_point!("coordinator::before_end", |_| std::process::abort());
+                        crash_point!("coordinator::before_end");
                     }
                     if let Err(e) = self.log.append_unforced(vec![record]) {
                         fatal(&e.to_string());
@@ -456,6 +455,10 @@ impl<L: DecisionLog> Driver<L> {
                     record,
                     force: Some(what),
                 } => {
+                    if what == Durable::CommitDecision {
+                        // Crash point: every vote is YES, the decision not yet logged (C3).
+                        crash_point!("coordinator::decision_reached");
+                    }
                     let txn = record.txn();
                     let log = self.log.clone();
                     let events = self.events.clone();
@@ -463,9 +466,7 @@ impl<L: DecisionLog> Driver<L> {
                         match log.append(vec![record]).await {
                             Ok(()) => {
                                 if what == Durable::CommitDecision {
-                                    fail::fail_point!("coordinator::decision_durable", |_| {
-                                        std::process::abort()
-                                    });
+                                    crash_point!("coordinator::decision_durable");
                                 }
                                 let _ = events.send(Command::Event(Input::Durable { txn, what }));
                             }
@@ -658,6 +659,8 @@ fn spawn_outbound(
                                 Ok(_) => "the participant's answer left this branch out".into(),
                             },
                         });
+                        // Crash point: a vote is in, maybe not all of them (C2/C3).
+                        crash_point!("coordinator::vote_received");
                         let _ = events.send(Command::Event(Input::Vote {
                             txn,
                             participant: participant.clone(),

@@ -79,6 +79,13 @@ pub struct Args {
     /// Staged branches idle this long are dropped (seconds).
     #[arg(long, env = "RATIFY_PARTICIPANT_ACTIVE_BRANCH_TIMEOUT_S")]
     pub active_branch_timeout_s: Option<u64>,
+    /// Finished branches are remembered (to refuse a late Prepare and answer a repeated
+    /// Commit or Abort) this long (seconds) ...
+    #[arg(long, env = "RATIFY_PARTICIPANT_TOMBSTONE_RETENTION_S")]
+    pub tombstone_retention_s: Option<u64>,
+    /// ... and at most this many.
+    #[arg(long, env = "RATIFY_PARTICIPANT_MAX_TOMBSTONES")]
+    pub max_tombstones: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +106,8 @@ struct FileConfig {
     max_ops_per_branch: Option<usize>,
     max_active_branches: Option<usize>,
     active_branch_timeout_s: Option<u64>,
+    tombstone_retention_s: Option<u64>,
+    max_tombstones: Option<usize>,
 }
 
 /// Settings after merging flags, environment, file and defaults.
@@ -146,6 +155,15 @@ impl Args {
                 .or(file.termination_backoff_max_ms)
                 .map(Duration::from_millis)
                 .unwrap_or(runtime_defaults.termination_backoff_max),
+            tombstone_retention: self
+                .tombstone_retention_s
+                .or(file.tombstone_retention_s)
+                .map(Duration::from_secs)
+                .unwrap_or(runtime_defaults.tombstone_retention),
+            max_tombstones: self
+                .max_tombstones
+                .or(file.max_tombstones)
+                .unwrap_or(runtime_defaults.max_tombstones),
             ..runtime_defaults
         };
         validate_name(&runtime.name)?;

@@ -15,6 +15,8 @@
 //! default), [`pg::PgStore`] makes a PostgreSQL database a participant through
 //! `PREPARE TRANSACTION`.
 
+#[macro_use]
+mod crash;
 pub mod branch;
 pub mod daemon;
 pub mod kv;

@@ -591,7 +591,7 @@ impl ResourceManager for PgStore {
         lock(&self.gids).insert(meta.txn_id, gid);
         // PREPARE TRANSACTION returned: the branch is on disk (with synchronous_commit on)
         // and survives a crash of this process or of the server.
-        fail::fail_point!("participant::pg::prepared", |_| std::process::abort());
+        crash_point!("participant::pg::prepared");
         Ok(StoreVote::Yes)
     }
 

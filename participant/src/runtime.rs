@@ -647,6 +647,8 @@ impl<R: ResourceManager> Runtime<R> {
             expired
         };
         if !expired.is_empty() {
+            // Crash point: tombstones dropped from memory, not yet from the store (P9).
+            crash_point!("participant::tombstone_gc");
             debug!(count = expired.len(), "tombstones dropped");
             if let Err(error) = self.store.forget(expired).await {
                 warn!(%error, "dropping tombstones from the store failed");

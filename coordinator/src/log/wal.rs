@@ -417,12 +417,17 @@ impl Writer {
         if chunk_start < records.len() {
             frame::encode_frame(&records[chunk_start..], &mut buf);
         }
-        fail::fail_point!("coordinator::wal::torn_write", |_| {
-            // Crash with half of this batch written (C4: a torn decision record).
-            let _ = self.file.write_all(&buf[..buf.len() / 2]);
-            let _ = self.file.sync_data();
-            std::process::abort()
-        });
+        #[cfg(feature = "failpoints")]
+        if let Some(argument) = fail::eval("coordinator::wal::torn_write", |a| a) {
+            if argument.as_deref() == Some("pause") {
+                crate::crash::pause("coordinator::wal::torn_write");
+            } else {
+                // Crash with half of this batch written (C4: a torn decision record).
+                let _ = self.file.write_all(&buf[..buf.len() / 2]);
+                let _ = self.file.sync_data();
+                std::process::abort()
+            }
+        }
         self.file
             .write_all(&buf)
             .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
@@ -469,7 +474,7 @@ impl Writer {
         self.len = HEADER_LEN as u64;
         self.segments.push(next);
         let keep_from = self.live.values().copied().min().unwrap_or(next).min(next);
-        fail::fail_point!("coordinator::wal::checkpoint", |_| std::process::abort());
+        crash_point!("coordinator::wal::checkpoint");
         let mut removed = 0;
         while let Some(&oldest) = self.segments.first() {
             if oldest >= keep_from {

@@ -309,7 +309,7 @@ impl SledStore {
 
 impl ResourceManager for SledStore {
     async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> Result<StoreVote, StoreError> {
-        fail::fail_point!("participant::prepare::received", |_| std::process::abort());
+        crash_point!("participant::prepare::received");
         let (writes, keys) = match self.evaluate_branch(&meta, &payload)? {
             Ok(evaluated) => evaluated,
             Err(Rejection(reason)) => {
@@ -346,16 +346,16 @@ impl ResourceManager for SledStore {
             self.unlock(meta.txn_id, &keys);
             return Err(io(e));
         }
-        fail::fail_point!("participant::prepare::written", |_| std::process::abort());
+        crash_point!("participant::prepare::written");
         // Durable before the YES leaves: after a crash, recover() returns this branch
         // with its locks. The flusher shares this fsync with concurrent prepares.
         self.flusher.flush().await?;
-        fail::fail_point!("participant::prepare::flushed", |_| std::process::abort());
+        crash_point!("participant::prepare::flushed");
         Ok(StoreVote::Yes)
     }
 
     async fn commit(&self, txn_id: TxnId) -> Result<(), StoreError> {
-        fail::fail_point!("participant::commit::received", |_| std::process::abort());
+        crash_point!("participant::commit::received");
         let Some(bytes) = self.prepared.get(txn_id.as_bytes()).map_err(io)? else {
             // Applied already (the branch table missed it): answer as the commit did.
             if let Some(tombstone) = self.finished.get(txn_id.as_bytes()).map_err(io)?
@@ -377,12 +377,13 @@ impl ResourceManager for SledStore {
         self.apply(txn_id, &record.writes, record.digest)?;
         // Durable before the acknowledgement: the coordinator forgets the branch after it.
         self.flusher.flush().await?;
-        fail::fail_point!("participant::commit::applied", |_| std::process::abort());
+        crash_point!("participant::commit::applied");
         self.unlock(txn_id, &record.lock_keys);
         Ok(())
     }
 
     async fn abort(&self, txn_id: TxnId) -> Result<(), StoreError> {
+        crash_point!("participant::abort::received");
         self.staging.discard(&txn_id);
         let prepared = self.prepared.get(txn_id.as_bytes()).map_err(io)?;
         let record = match &prepared {
@@ -446,6 +447,7 @@ impl ResourceManager for SledStore {
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
+        crash_point!("participant::recovery");
         let mut recovered = Recovered::default();
         for item in self.prepared.iter() {
             let (key, bytes) = item.map_err(io)?;
