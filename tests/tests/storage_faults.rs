@@ -1,0 +1,124 @@
+//! fsync failing with EIO, through an LD_PRELOAD shim (tests/shim/fsync_eio.c, built here
+//! with the system C compiler): mid-workload, every fsync/fdatasync of one process starts
+//! failing. That process must stop (never retry the fsync and go on, since the page cache
+//! can no longer be trusted), and after a restart on healthy storage nothing it
+//! acknowledged is lost: the bank checker holds.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ratify_cli::bank::{Bank, Workload};
+use ratify_tests::{Proc, Stack, StackOptions};
+
+fn build_shim(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("shim/fsync_eio.c");
+    let library = dir.join("libfsync_eio.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("these tests need a C compiler (`cc`) to build the fsync shim");
+    assert!(status.success(), "building {} failed", source.display());
+    library
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Coordinator,
+    /// Participant p2.
+    Participant,
+}
+
+fn target(stack: &mut Stack, target: Target) -> &mut Proc {
+    match target {
+        Target::Coordinator => &mut stack.coordinator,
+        Target::Participant => &mut stack.participants[1],
+    }
+}
+
+async fn fsync_fails_mid_workload(which: Target) {
+    let shim_dir = tempfile::tempdir().unwrap();
+    let shim = build_shim(shim_dir.path()).display().to_string();
+    let trigger = shim_dir.path().join("eio");
+    let preload = vec![
+        ("LD_PRELOAD".to_string(), shim.clone()),
+        (
+            "RATIFY_EIO_TRIGGER".to_string(),
+            trigger.display().to_string(),
+        ),
+    ];
+    let mut options = StackOptions {
+        participants: 3,
+        ..StackOptions::default()
+    };
+    match which {
+        Target::Coordinator => options.coordinator_env = preload,
+        Target::Participant => {
+            options.participant_env = preload.into_iter().map(|(k, v)| (1, k, v)).collect();
+        }
+    }
+    let mut stack = Stack::start(options);
+    stack.wait_registered().await;
+    let mut bank = Bank::new(
+        stack.coordinator.endpoint(),
+        stack.participants.iter().map(|p| p.endpoint()).collect(),
+        2,
+    );
+    bank.rpc_timeout = Duration::from_secs(5);
+    let bank = Arc::new(bank);
+    bank.open().await.unwrap();
+    let workload = Workload::spawn(bank.clone(), 4, 3, None);
+    let done = workload.done.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::Relaxed) < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The disk starts failing every fsync.
+    std::fs::write(&trigger, b"").unwrap();
+    let status = tokio::task::block_in_place(|| {
+        target(&mut stack, which).wait_exit(Duration::from_secs(30))
+    });
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{which:?} kept running after fsync failed: {status:?}\n{}",
+        stack.logs()
+    );
+    let logs = target(&mut stack, which).logs();
+    assert!(
+        logs.contains("Input/output error") || logs.contains("os error 5"),
+        "the stop does not name the I/O error\n{logs}"
+    );
+
+    // Healthy storage again: restart without the shim, go on, then check.
+    tokio::task::block_in_place(|| target(&mut stack, which).restart(&[]));
+    let after = done.load(Ordering::Relaxed) + 10;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::Relaxed) < after && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let transfers = workload.finish().await;
+    let left = bank.drain(Duration::from_secs(30), |_| {}).await;
+    let locks = bank.locks_released(Duration::from_secs(30)).await;
+    let report = bank.check(&transfers, left, locks).await;
+    assert!(
+        report.passed(),
+        "{}\n{}",
+        report.failures().join("\n"),
+        stack.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_coordinator_stops_when_fsync_fails_and_loses_nothing_acknowledged() {
+    fsync_fails_mid_workload(Target::Coordinator).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_participant_stops_when_fsync_fails_and_loses_nothing_acknowledged() {
+    fsync_fails_mid_workload(Target::Participant).await;
+}
