@@ -122,3 +122,43 @@ async fn the_coordinator_stops_when_fsync_fails_and_loses_nothing_acknowledged()
 async fn a_participant_stops_when_fsync_fails_and_loses_nothing_acknowledged() {
     fsync_fails_mid_workload(Target::Participant).await;
 }
+
+/// A decision log damaged before its tail: the coordinator process refuses to start and
+/// says which file and offset, instead of serving with a decision silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_with_a_damaged_log_refuses_to_start_naming_the_damage() {
+    let mut stack = Stack::start(StackOptions {
+        participants: 3,
+        ..StackOptions::default()
+    });
+    stack.wait_registered().await;
+    let bank = Arc::new(Bank::new(
+        stack.coordinator.endpoint(),
+        stack.participants.iter().map(|p| p.endpoint()).collect(),
+        2,
+    ));
+    bank.open().await.unwrap();
+    let transfers = Workload::spawn(bank.clone(), 2, 5, Some(30)).join().await;
+    assert!(transfers.iter().any(|t| t.txn.is_some()));
+    stack.coordinator.kill9();
+    let wal_dir = stack.dir.path().join("coordinator");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    segments.sort();
+    let segment = segments.pop().expect("a WAL segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    assert!(bytes.len() > 200, "the segment holds records");
+    // Zero a run of bytes a third of the way in: well before the tail.
+    let at = bytes.len() / 3;
+    bytes[at..at + 16].fill(0);
+    std::fs::write(&segment, &bytes).unwrap();
+    let error = tokio::task::block_in_place(|| stack.coordinator.try_restart(&[]))
+        .expect_err("the coordinator started on a damaged log");
+    assert!(
+        error.contains(&segment.display().to_string()) && error.contains("offset"),
+        "the refusal does not name the file and offset:\n{error}"
+    );
+}
