@@ -103,8 +103,9 @@ pub struct Bank {
     pub participants: Vec<String>,
     /// (participant index, key)
     pub accounts: Vec<(usize, String)>,
-    /// Bound on each client RPC: a paused or cut-off node makes an RPC wait this long.
-    pub rpc_timeout: Duration,
+    /// One lazily connected channel per endpoint, shared by every client (a restarted
+    /// node is reconnected on the next call).
+    channels: std::collections::HashMap<String, Channel>,
 }
 
 fn account_key(participant: usize, i: usize) -> String {
@@ -160,8 +161,27 @@ impl Bank {
             coordinator,
             participants,
             accounts,
-            rpc_timeout: Duration::from_secs(30),
+            channels: Default::default(),
         }
+        .with_rpc_timeout(Duration::from_secs(30))
+    }
+
+    /// Bounds each client RPC: a paused or cut-off node makes an RPC wait this long.
+    /// Call inside a tokio runtime.
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.channels = std::iter::once(&self.coordinator)
+            .chain(&self.participants)
+            .filter_map(|endpoint| {
+                let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                    .ok()?
+                    .connect_timeout(Duration::from_secs(3).min(timeout))
+                    .timeout(timeout)
+                    .tcp_nodelay(true)
+                    .connect_lazy();
+                Some((endpoint.clone(), channel))
+            })
+            .collect();
+        self
     }
 
     pub fn total_money(&self) -> i64 {
@@ -169,17 +189,12 @@ impl Bank {
     }
 
     async fn connect(&self, endpoint: &str) -> Option<Channel> {
-        tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .ok()?
-            .connect_timeout(Duration::from_secs(3).min(self.rpc_timeout))
-            .timeout(self.rpc_timeout)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .ok()
+        self.channels.get(endpoint).cloned()
     }
 
-    async fn coordinator_client(&self) -> Option<v1::coordinator_client::CoordinatorClient<Channel>> {
+    async fn coordinator_client(
+        &self,
+    ) -> Option<v1::coordinator_client::CoordinatorClient<Channel>> {
         Some(v1::coordinator_client::CoordinatorClient::new(
             self.connect(&self.coordinator).await?,
         ))
@@ -262,7 +277,13 @@ impl Bank {
     }
 
     /// Runs one transfer as an interactive transaction: Begin, Stage on each side, Commit.
-    pub async fn transfer(&self, from: usize, to: usize, amount: i64, stop: &AtomicBool) -> Transfer {
+    pub async fn transfer(
+        &self,
+        from: usize,
+        to: usize,
+        amount: i64,
+        stop: &AtomicBool,
+    ) -> Transfer {
         let mut t = Transfer {
             txn: None,
             from,

@@ -174,8 +174,11 @@ pub async fn run(args: DemoArgs) -> CliResult<u8> {
     let report = bank.check(&transfers, left, locks).await;
     let checks = &report.checks;
     let passed = report.passed();
-    let (heard_committed, heard_aborted, abandoned) =
-        (report.heard_committed, report.heard_aborted, report.abandoned);
+    let (heard_committed, heard_aborted, abandoned) = (
+        report.heard_committed,
+        report.heard_aborted,
+        report.abandoned,
+    );
     let (recovered_committed, recovered_aborted) =
         (report.unknown_committed, report.unknown_aborted);
     let drained = left == 0;

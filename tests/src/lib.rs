@@ -145,17 +145,17 @@ impl Stack {
             coordinator_prefix
                 .into_iter()
                 .chain([
-                "--data-dir".into(),
-                dir.path().join("coordinator").display().to_string(),
-                "--prepare-timeout-ms".into(),
-                options.prepare_timeout_ms.to_string(),
-                "--retry-initial-ms".into(),
-                "50".into(),
-                "--retry-max-ms".into(),
-                "500".into(),
-            ])
-            .chain(options.coordinator_args.iter().cloned())
-            .collect(),
+                    "--data-dir".into(),
+                    dir.path().join("coordinator").display().to_string(),
+                    "--prepare-timeout-ms".into(),
+                    options.prepare_timeout_ms.to_string(),
+                    "--retry-initial-ms".into(),
+                    "50".into(),
+                    "--retry-max-ms".into(),
+                    "500".into(),
+                ])
+                .chain(options.coordinator_args.iter().cloned())
+                .collect(),
             "127.0.0.1:0",
             &env,
             dir.path().join("coordinator.log"),

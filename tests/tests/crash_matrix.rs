@@ -67,13 +67,13 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
         ..StackOptions::default()
     });
     stack.wait_registered().await;
-    let mut bank = Bank::new(
+    let bank = Bank::new(
         stack.coordinator.endpoint(),
         stack.participants.iter().map(|p| p.endpoint()).collect(),
         // One account per participant: every transfer spans two participants.
         1,
-    );
-    bank.rpc_timeout = Duration::from_secs(5);
+    )
+    .with_rpc_timeout(Duration::from_secs(5));
     let bank = Arc::new(bank);
     bank.open().await.expect("opening the accounts");
 
@@ -98,7 +98,9 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
     // point has transactions in flight to recover).
     let done = workload.done.clone();
     assert!(
-        wait_until(Duration::from_secs(60), || done.load(Ordering::Relaxed) >= 10).await,
+        wait_until(Duration::from_secs(60), || done.load(Ordering::Relaxed)
+            >= 10)
+        .await,
         "the workload did not start\n{}",
         stack.logs()
     );
@@ -145,8 +147,10 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
 
     // A few more transfers after the recovery, then heal and check.
     let after = done.load(Ordering::Relaxed) + 10;
-    let progressed =
-        wait_until(Duration::from_secs(60), || done.load(Ordering::Relaxed) >= after).await;
+    let progressed = wait_until(Duration::from_secs(60), || {
+        done.load(Ordering::Relaxed) >= after
+    })
+    .await;
     let transfers = workload.finish().await;
     assert!(
         progressed,

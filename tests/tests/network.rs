@@ -141,7 +141,12 @@ async fn a_participant_cut_off_after_voting_yes_stays_prepared_then_commits() {
     // Cut off for many times its termination deadline (200 ms), p2 keeps the branch
     // prepared and its lock held: it asks, gets no answer, and never decides alone.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(in_doubt(&p2).await.unwrap(), vec![txn], "\n{}", stack.logs());
+    assert_eq!(
+        in_doubt(&p2).await.unwrap(),
+        vec![txn],
+        "\n{}",
+        stack.logs()
+    );
     assert_eq!(get(&p2, "k").await.0, None);
     // (A client cannot enlist p2 now, so the lock is probed with a direct Prepare.)
     let mut direct = participant(&p2).await.unwrap();
@@ -160,7 +165,11 @@ async fn a_participant_cut_off_after_voting_yes_stays_prepared_then_commits() {
         .into_inner()
         .results
         .remove(0);
-    assert_eq!(vote.vote(), v1::Vote::No, "the prepared branch's lock still holds");
+    assert_eq!(
+        vote.vote(),
+        v1::Vote::No,
+        "the prepared branch's lock still holds"
+    );
     stack.links[1].heal();
     stack.settle().await;
     assert_eq!(get(&p2, "k").await.0.as_deref(), Some("7"));
@@ -175,12 +184,12 @@ async fn delayed_phase_two_traffic_keeps_every_invariant() {
         ..StackOptions::default()
     });
     stack.wait_registered().await;
-    let mut bank = Bank::new(
+    let bank = Bank::new(
         stack.coordinator.endpoint(),
         stack.participants.iter().map(|p| p.endpoint()).collect(),
         2,
-    );
-    bank.rpc_timeout = Duration::from_secs(5);
+    )
+    .with_rpc_timeout(Duration::from_secs(5));
     let bank = Arc::new(bank);
     bank.open().await.unwrap();
     // Everything the coordinator sends p1 arrives 400 ms late, p3's 150 ms late.

@@ -96,7 +96,11 @@ async fn a_late_commit_of_t_never_touches_a_later_transaction_on_the_same_keys()
     assert_eq!(r.vote(), v1::Vote::Yes);
     assert_eq!(decide_at(&e, t, 1, false).await, tonic::Code::Ok);
     let r = prepare_at(&e, t2, 2, vec![put("x", "T2")]).await.unwrap();
-    assert_eq!(r.vote(), v1::Vote::Yes, "T's locks were released by its abort");
+    assert_eq!(
+        r.vote(),
+        v1::Vote::Yes,
+        "T's locks were released by its abort"
+    );
     let late = decide_at(&e, t, 1, true).await;
     assert_eq!(
         late,

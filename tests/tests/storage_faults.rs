@@ -63,12 +63,12 @@ async fn fsync_fails_mid_workload(which: Target) {
     }
     let mut stack = Stack::start(options);
     stack.wait_registered().await;
-    let mut bank = Bank::new(
+    let bank = Bank::new(
         stack.coordinator.endpoint(),
         stack.participants.iter().map(|p| p.endpoint()).collect(),
         2,
-    );
-    bank.rpc_timeout = Duration::from_secs(5);
+    )
+    .with_rpc_timeout(Duration::from_secs(5));
     let bank = Arc::new(bank);
     bank.open().await.unwrap();
     let workload = Workload::spawn(bank.clone(), 4, 3, None);

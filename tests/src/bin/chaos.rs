@@ -57,6 +57,10 @@ struct Opts {
     /// Keep the data directory and logs even when every check passes.
     #[arg(long)]
     keep: bool,
+    /// Crash points for participant p2 (to test that the checker catches a broken
+    /// participant).
+    #[arg(long, hide = true)]
+    p2_failpoints: Option<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -84,14 +88,37 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// One fault of the nemesis, described for the log.
 #[derive(Debug)]
 enum Fault {
-    KillCoordinator { down: Duration },
-    KillParticipant { index: usize, down: Duration },
-    PauseCoordinator { pause: Duration },
-    PauseParticipant { index: usize, pause: Duration },
-    Cut { index: usize, hold: Duration },
-    CutToParticipant { index: usize, hold: Duration },
-    CutToCoordinator { index: usize, hold: Duration },
-    DelayPhase2 { index: usize, delay: Duration, hold: Duration },
+    KillCoordinator {
+        down: Duration,
+    },
+    KillParticipant {
+        index: usize,
+        down: Duration,
+    },
+    PauseCoordinator {
+        pause: Duration,
+    },
+    PauseParticipant {
+        index: usize,
+        pause: Duration,
+    },
+    Cut {
+        index: usize,
+        hold: Duration,
+    },
+    CutToParticipant {
+        index: usize,
+        hold: Duration,
+    },
+    CutToCoordinator {
+        index: usize,
+        hold: Duration,
+    },
+    DelayPhase2 {
+        index: usize,
+        delay: Duration,
+        hold: Duration,
+    },
 }
 
 fn draw_fault(rng: &mut fastrand::Rng, participants: usize, prepare_timeout: Duration) -> Fault {
@@ -239,6 +266,11 @@ async fn run(opts: Opts) -> Result<bool, String> {
         termination_deadline_ms: 500,
         network_faults: true,
         self_exe: Some(exe),
+        participant_env: opts
+            .p2_failpoints
+            .iter()
+            .map(|f| (1, "FAILPOINTS".to_string(), f.clone()))
+            .collect(),
         ..StackOptions::default()
     });
     eprintln!(
@@ -249,12 +281,12 @@ async fn run(opts: Opts) -> Result<bool, String> {
         stack.dir.path().display()
     );
     stack.wait_registered().await;
-    let mut bank = Bank::new(
+    let bank = Bank::new(
         stack.coordinator.endpoint(),
         stack.participants.iter().map(|p| p.endpoint()).collect(),
         usize::from(opts.accounts_per_participant),
-    );
-    bank.rpc_timeout = Duration::from_secs(5);
+    )
+    .with_rpc_timeout(Duration::from_secs(5));
     let bank = Arc::new(bank);
     bank.open().await?;
 
@@ -297,7 +329,9 @@ async fn run(opts: Opts) -> Result<bool, String> {
     let transfers = workload.finish().await;
     let heal_started = Instant::now();
     let left = bank
-        .drain(Duration::from_secs(60), |n| eprintln!("chaos: in doubt {n}"))
+        .drain(Duration::from_secs(60), |n| {
+            eprintln!("chaos: in doubt {n}")
+        })
         .await;
     let locks = bank.locks_released(Duration::from_secs(30)).await;
     let resolved_in = heal_started.elapsed();
