@@ -33,6 +33,8 @@ pub struct RuntimeConfig {
     pub max_batch: usize,
     /// Batched RPCs in flight to one participant at once, per message kind.
     pub max_rpcs_in_flight: usize,
+    /// Opens the channels to participants.
+    pub dialer: ratify_proto::dial::Dialer,
 }
 
 impl Default for RuntimeConfig {
@@ -43,6 +45,7 @@ impl Default for RuntimeConfig {
             phase2_rpc_timeout: Duration::from_secs(5),
             max_batch: 256,
             max_rpcs_in_flight: 4,
+            dialer: ratify_proto::dial::Dialer::tcp(),
         }
     }
 }
@@ -58,14 +61,15 @@ enum Command {
 /// The clock the engine sees: monotonic, aligned with Unix time at start.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
-    start: Instant,
+    /// tokio's clock (the same as std's, except under a simulation's paused clock).
+    start: tokio::time::Instant,
     start_unix_ms: u64,
 }
 
 impl Clock {
     fn new() -> Self {
         Self {
-            start: Instant::now(),
+            start: tokio::time::Instant::now(),
             start_unix_ms: unix_ms(),
         }
     }
@@ -76,7 +80,7 @@ impl Clock {
 
     fn instant(&self, at: Millis) -> tokio::time::Instant {
         let offset = at.saturating_sub(self.start_unix_ms);
-        tokio::time::Instant::from_std(self.start + Duration::from_millis(offset))
+        self.start + Duration::from_millis(offset)
     }
 }
 
@@ -559,15 +563,7 @@ fn spawn_outbound(
     config: &RuntimeConfig,
     counters: Arc<Counters>,
 ) -> Outbound {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())
-        .ok()
-        .map(|e| {
-            e.connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .connect_lazy()
-        });
+    let channel = config.dialer.dial(&endpoint);
     if channel.is_none() {
         warn!(%participant, %endpoint, "invalid participant endpoint; its messages fail");
     }

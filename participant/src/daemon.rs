@@ -18,7 +18,7 @@ use tracing::{error, info};
 
 use crate::kv::service::{Enlistment, KvService, KvStore};
 use crate::kv::{KvLimits, SledStore};
-use crate::runtime::{Runtime, RuntimeConfig, connect_lazy};
+use crate::runtime::{Runtime, RuntimeConfig};
 use crate::service::ParticipantService;
 
 /// Command-line flags. Every setting can also come from the environment or the TOML file.
@@ -305,7 +305,7 @@ async fn serve<S: KvStore>(
             name: settings.runtime.name.clone(),
             advertised_endpoint: advertised.clone(),
             coordinator: CoordinatorClient::new(
-                connect_lazy(endpoint)
+                settings.runtime.dialer.dial(endpoint)
                     .with_context(|| format!("invalid coordinator endpoint {endpoint:?}"))?,
             ),
         }),

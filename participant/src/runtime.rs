@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's, except under a simulation's paused clock.
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use ratify_proto::TxnId;
@@ -38,6 +41,8 @@ pub struct RuntimeConfig {
     /// How long tombstones of finished branches are kept, and how many at most.
     pub tombstone_retention: Duration,
     pub max_tombstones: usize,
+    /// Opens the channel to the coordinator.
+    pub dialer: ratify_proto::dial::Dialer,
 }
 
 impl Default for RuntimeConfig {
@@ -53,6 +58,7 @@ impl Default for RuntimeConfig {
             termination_backoff_max: Duration::from_secs(30),
             tombstone_retention: Duration::from_secs(24 * 3600),
             max_tombstones: 200_000,
+            dialer: ratify_proto::dial::Dialer::tcp(),
         }
     }
 }
@@ -535,7 +541,7 @@ impl<R: ResourceManager> Runtime<R> {
             }
             if let Some(endpoint) = &self.config.coordinator {
                 if client.is_none() {
-                    client = connect_lazy(endpoint).map(CoordinatorClient::new);
+                    client = self.config.dialer.dial(endpoint).map(CoordinatorClient::new);
                 }
                 if let Some(client) = &client {
                     self.inquire_due(client.clone()).await;
@@ -550,20 +556,21 @@ impl<R: ResourceManager> Runtime<R> {
 
     async fn inquire_due(&self, client: CoordinatorClient<tonic::transport::Channel>) {
         let now = Instant::now();
-        let due: Vec<(TxnId, u64)> = self
+        // The 256 most overdue first (and in a fixed order, which keeps simulation runs
+        // reproducible).
+        let mut due: Vec<(Instant, TxnId, u64)> = self
             .lock_branches()
             .iter()
-            .filter_map(|(txn_id, e)| match e.state {
-                BranchState::Prepared { epoch, .. }
-                    if e.inquiry.next_at.is_some_and(|at| at <= now) =>
-                {
-                    Some((*txn_id, epoch))
+            .filter_map(|(txn_id, e)| match (e.state, e.inquiry.next_at) {
+                (BranchState::Prepared { epoch, .. }, Some(at)) if at <= now => {
+                    Some((at, *txn_id, epoch))
                 }
                 _ => None,
             })
-            .take(256)
             .collect();
-        let asks = due.into_iter().map(|(txn_id, epoch)| {
+        due.sort_unstable();
+        let due = due.into_iter().take(256).map(|(_, txn_id, epoch)| (txn_id, epoch));
+        let asks = due.map(|(txn_id, epoch)| {
             let mut client = client.clone();
             async move {
                 let request = v1::GetOutcomeRequest {
@@ -653,21 +660,6 @@ impl<R: ResourceManager> Runtime<R> {
             if let Err(error) = self.store.forget(expired).await {
                 warn!(%error, "dropping tombstones from the store failed");
             }
-        }
-    }
-}
-
-/// A lazily connected channel to `endpoint` (no I/O until the first call).
-pub fn connect_lazy(endpoint: &str) -> Option<tonic::transport::Channel> {
-    match tonic::transport::Endpoint::from_shared(endpoint.to_string()) {
-        Ok(e) => Some(
-            e.connect_timeout(Duration::from_secs(2))
-                .tcp_nodelay(true)
-                .connect_lazy(),
-        ),
-        Err(error) => {
-            warn!(%endpoint, %error, "invalid coordinator endpoint");
-            None
         }
     }
 }

@@ -5,6 +5,8 @@
 //! on receipt with `TryFrom`, live in the crates that use them.
 
 #[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
+pub mod dial;
+
 pub mod v1 {
     tonic::include_proto!("ratify.v1");
 }
@@ -35,10 +37,28 @@ impl fmt::Display for InvalidTxnId {
 
 impl std::error::Error for InvalidTxnId {}
 
+/// A source of transaction ids that replaces UUIDv7 on one thread.
+type IdSource = Box<dyn FnMut() -> TxnId>;
+
+thread_local! {
+    static ID_SOURCE: std::cell::RefCell<Option<IdSource>> = const { std::cell::RefCell::new(None) };
+}
+
 impl TxnId {
-    /// A new time-ordered id (UUIDv7).
+    /// A new time-ordered id (UUIDv7), unless this thread has an id source (see
+    /// [`TxnId::set_thread_id_source`]).
     pub fn generate() -> Self {
+        if let Some(id) = ID_SOURCE.with(|source| source.borrow_mut().as_mut().map(|next| next())) {
+            return id;
+        }
         Self(*uuid::Uuid::now_v7().as_bytes())
+    }
+
+    /// Makes [`TxnId::generate`] on the calling thread draw from `source` (`None`
+    /// restores UUIDv7). For the deterministic simulation, which runs every simulated
+    /// node on one thread and needs the same ids on every replay of a seed.
+    pub fn set_thread_id_source(source: Option<IdSource>) {
+        ID_SOURCE.with(|slot| *slot.borrow_mut() = source);
     }
 
     pub const fn from_bytes(bytes: [u8; 16]) -> Self {

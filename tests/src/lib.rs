@@ -12,6 +12,7 @@
 //! cut or delay ([`Link`]).
 
 pub mod proxy;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
