@@ -305,7 +305,10 @@ async fn serve<S: KvStore>(
             name: settings.runtime.name.clone(),
             advertised_endpoint: advertised.clone(),
             coordinator: CoordinatorClient::new(
-                settings.runtime.dialer.dial(endpoint)
+                settings
+                    .runtime
+                    .dialer
+                    .dial(endpoint)
                     .with_context(|| format!("invalid coordinator endpoint {endpoint:?}"))?,
             ),
         }),

@@ -541,7 +541,11 @@ impl<R: ResourceManager> Runtime<R> {
             }
             if let Some(endpoint) = &self.config.coordinator {
                 if client.is_none() {
-                    client = self.config.dialer.dial(endpoint).map(CoordinatorClient::new);
+                    client = self
+                        .config
+                        .dialer
+                        .dial(endpoint)
+                        .map(CoordinatorClient::new);
                 }
                 if let Some(client) = &client {
                     self.inquire_due(client.clone()).await;
@@ -569,7 +573,10 @@ impl<R: ResourceManager> Runtime<R> {
             })
             .collect();
         due.sort_unstable();
-        let due = due.into_iter().take(256).map(|(_, txn_id, epoch)| (txn_id, epoch));
+        let due = due
+            .into_iter()
+            .take(256)
+            .map(|(_, txn_id, epoch)| (txn_id, epoch));
         let asks = due.map(|(txn_id, epoch)| {
             let mut client = client.clone();
             async move {

@@ -32,6 +32,10 @@ struct Opts {
     /// Transactions per seed.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     transactions: u32,
+    /// Run with deliberately broken participant stores (prepared branches not durable):
+    /// the checker must report violations.
+    #[arg(long, hide = true)]
+    broken_store: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,7 +56,8 @@ fn main() -> ExitCode {
     let (mut transactions, mut committed, mut aborted, mut unknown) = (0, 0, 0, 0);
     let mut faults = FaultCounts::default();
     for &seed in &seeds {
-        let plan = SimPlan::draw(seed, opts.transactions as usize);
+        let mut plan = SimPlan::draw(seed, opts.transactions as usize);
+        plan.broken_store = opts.broken_store;
         if opts.seed.is_some() {
             eprintln!("{plan:#?}");
         }
@@ -63,7 +68,10 @@ fn main() -> ExitCode {
         unknown += outcome.unknown;
         faults.add(&outcome.faults);
         if opts.seed.is_some() {
-            eprintln!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+            eprintln!(
+                "{}",
+                serde_json::to_string_pretty(&outcome).unwrap_or_default()
+            );
         }
         if !outcome.violations.is_empty() {
             eprintln!("seed {seed} FAILED:");

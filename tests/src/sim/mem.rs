@@ -110,6 +110,10 @@ struct PreparedEntry {
 #[derive(Debug, Default)]
 pub struct StoreDisk {
     state: Mutex<StoreState>,
+    /// A deliberately broken store, to show the checker catches it: prepared branches
+    /// are not durable (lost when the host restarts), like a store that votes YES
+    /// before flushing.
+    pub volatile_prepare: bool,
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +124,14 @@ struct StoreState {
 }
 
 impl StoreDisk {
+    /// A disk whose prepared branches are lost at every restart (see `volatile_prepare`).
+    pub fn broken() -> Self {
+        Self {
+            volatile_prepare: true,
+            ..Self::default()
+        }
+    }
+
     /// A key's committed value.
     pub fn get(&self, key: &str) -> Option<String> {
         lock(&self.state)
@@ -200,7 +212,11 @@ pub struct MemStore {
 }
 
 impl MemStore {
+    /// Opens the store on its disk (at every start of the host).
     pub fn new(disk: Arc<StoreDisk>) -> Self {
+        if disk.volatile_prepare {
+            lock(&disk.state).prepared.clear();
+        }
         Self { disk }
     }
 }
@@ -265,11 +281,7 @@ impl ResourceManager for MemStore {
             return Err(StoreError::Refused(format!("{txn_id} committed")));
         }
         let entry = state.prepared.remove(&txn_id);
-        state.finish(
-            txn_id,
-            FinishedAs::Aborted,
-            entry.as_ref().map(|e| &e.meta),
-        );
+        state.finish(txn_id, FinishedAs::Aborted, entry.as_ref().map(|e| &e.meta));
         Ok(())
     }
 

@@ -59,6 +59,9 @@ pub struct SimPlan {
     pub max_link_latency_ms: u64,
     /// Mean simulated time between faults.
     pub fault_gap_ms: u64,
+    /// Break the participants' stores on purpose (prepared branches not durable), to
+    /// check that the checker notices.
+    pub broken_store: bool,
 }
 
 impl SimPlan {
@@ -81,6 +84,7 @@ impl SimPlan {
             fsync_us: rng.u64(50..=3000),
             max_link_latency_ms: rng.u64(1..=30),
             fault_gap_ms: rng.u64(200..=3000),
+            broken_store: false,
         }
     }
 }
@@ -213,7 +217,9 @@ fn branches_of(
     }
 }
 
-fn classify(result: Result<Result<v1::ExecuteResponse, tonic::Status>, ()>) -> (Answer, Option<TxnId>) {
+fn classify(
+    result: Result<Result<v1::ExecuteResponse, tonic::Status>, ()>,
+) -> (Answer, Option<TxnId>) {
     match result {
         Ok(Ok(r)) => {
             let txn = TxnId::try_from(&r.txn_id).ok();
@@ -296,7 +302,13 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
     let names: Vec<String> = (0..plan.participants).map(participant_name).collect();
     let log_disk = Arc::new(LogDisk::default());
     let store_disks: Vec<Arc<StoreDisk>> = (0..plan.participants)
-        .map(|_| Arc::new(StoreDisk::default()))
+        .map(|_| {
+            Arc::new(if plan.broken_store {
+                StoreDisk::broken()
+            } else {
+                StoreDisk::default()
+            })
+        })
         .collect();
 
     // The coordinator host: the WAL becomes a MemLog on a disk that survives restarts.
@@ -311,7 +323,9 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             async move {
                 let log = Arc::new(MemLog::open(log_disk, Duration::from_micros(plan.fsync_us)));
                 let registry = Arc::new(Registry::with_config(
-                    names.iter().map(|n| (n.clone(), format!("http://{n}:{PORT}"))),
+                    names
+                        .iter()
+                        .map(|n| (n.clone(), format!("http://{n}:{PORT}"))),
                 )?);
                 let config = RuntimeConfig {
                     engine: EngineConfig {
@@ -382,8 +396,12 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
         let plan = plan.clone();
         let opened = opened.clone();
         sim.client("opener", async move {
-            let channel = net::channel(&format!("http://coord:{PORT}"), Some(Duration::from_secs(5)), |e| e)
-                .ok_or("bad endpoint")?;
+            let channel = net::channel(
+                &format!("http://coord:{PORT}"),
+                Some(Duration::from_secs(5)),
+                |e| e,
+            )
+            .ok_or("bad endpoint")?;
             let mut c = CoordinatorClient::new(channel);
             for p in 0..plan.participants {
                 let ops = accounts
@@ -416,7 +434,9 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             return outcome;
         }
         if sim.elapsed() > Duration::from_secs(60) {
-            outcome.violations.push("the accounts were not opened within 60 s".into());
+            outcome
+                .violations
+                .push("the accounts were not opened within 60 s".into());
             return outcome;
         }
     }
@@ -427,10 +447,16 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
         let history = history.clone();
         let plan = plan.clone();
         sim.client(format!("client{client}"), async move {
-            let channel = net::channel(&format!("http://coord:{PORT}"), Some(Duration::from_secs(3)), |e| e)
-                .ok_or("bad endpoint")?;
+            let channel = net::channel(
+                &format!("http://coord:{PORT}"),
+                Some(Duration::from_secs(3)),
+                |e| e,
+            )
+            .ok_or("bad endpoint")?;
             let mut c = CoordinatorClient::new(channel);
-            let mut rng = fastrand::Rng::with_seed(plan.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = fastrand::Rng::with_seed(
+                plan.seed ^ (client as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             for k in 0..plan.transfers_per_client {
                 let id = (client * plan.transfers_per_client + k) as u64;
                 let n = accounts.len();
@@ -447,14 +473,17 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
                     .map(|r| r.map(tonic::Response::into_inner))
                     .map_err(|_| ());
                 let (answer, txn) = classify(result);
-                history.lock().unwrap_or_else(|p| p.into_inner()).push(Transfer {
-                    id,
-                    from,
-                    to,
-                    amount,
-                    answer,
-                    txn,
-                });
+                history
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Transfer {
+                        id,
+                        from,
+                        to,
+                        amount,
+                        answer,
+                        txn,
+                    });
                 tokio::time::sleep(Duration::from_millis(rng.u64(0..=30))).await;
             }
             Ok(())
@@ -486,7 +515,8 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             tracing::info!(target: "sim", at = ?now, ?fault, ?hold, "fault");
             inject(&mut sim, fault, &mut outcome.faults);
             healing.push((now + hold, fault));
-            next_fault = now + Duration::from_millis(rng.u64(plan.fault_gap_ms / 2..=plan.fault_gap_ms * 3 / 2));
+            next_fault = now
+                + Duration::from_millis(rng.u64(plan.fault_gap_ms / 2..=plan.fault_gap_ms * 3 / 2));
         }
         match sim.step() {
             Ok(true) => break,
@@ -523,7 +553,11 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             let left: Vec<String> = store_disks
                 .iter()
                 .enumerate()
-                .flat_map(|(i, d)| d.prepared().into_iter().map(move |t| format!("{t} on p{}", i + 1)))
+                .flat_map(|(i, d)| {
+                    d.prepared()
+                        .into_iter()
+                        .map(move |t| format!("{t} on p{}", i + 1))
+                })
                 .collect();
             outcome.violations.push(format!(
                 "I5: still prepared {} s after the heal: {}",
@@ -533,14 +567,23 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             break;
         }
         if let Err(e) = sim.step() {
-            outcome.violations.push(format!("a host failed after the heal: {e}"));
+            outcome
+                .violations
+                .push(format!("a host failed after the heal: {e}"));
             return outcome;
         }
     }
     outcome.resolved_after_heal_s = (sim.elapsed() - healed_at).as_secs_f64();
 
     let history = history.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    check(plan, &accounts, &store_disks, &log_disk.records(), &history, &mut outcome);
+    check(
+        plan,
+        &accounts,
+        &store_disks,
+        &log_disk.records(),
+        &history,
+        &mut outcome,
+    );
     outcome
 }
 
@@ -675,15 +718,15 @@ fn check(
             *expected.entry(fkey.clone()).or_default() -= t.amount;
             *expected.entry(tkey.clone()).or_default() += t.amount;
         }
-        digest = digest
-            .rotate_left(5)
-            .wrapping_mul(0x100_0000_01b3)
+        digest = digest.rotate_left(5).wrapping_mul(0x100_0000_01b3)
             ^ (t.answer as u64 + 4 * u64::from(applied));
     }
     for (k, want) in &expected {
         let got = balances.get(k).copied().flatten();
         if got != Some(*want) {
-            violations.push(format!("I6 ledger: {k} holds {got:?}, its ledger says {want}"));
+            violations.push(format!(
+                "I6 ledger: {k} holds {got:?}, its ledger says {want}"
+            ));
         }
         digest = digest.rotate_left(7) ^ got.unwrap_or(-1) as u64;
     }

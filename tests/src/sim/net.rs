@@ -37,12 +37,14 @@ pub fn channel(
     if let Some(timeout) = timeout {
         e = e.timeout(timeout);
     }
-    Some(e.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = uri.port_u16().unwrap_or(80);
-        let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-        Ok::<_, std::io::Error>(TokioIo::new(stream))
-    })))
+    Some(
+        e.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(80);
+            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        })),
+    )
 }
 
 /// An accepted simulated connection, as tonic's server wants it.
@@ -78,10 +80,7 @@ impl AsyncWrite for SimStream {
         Pin::new(&mut self.0).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
