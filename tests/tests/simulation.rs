@@ -36,6 +36,7 @@ fn seeded_simulations_keep_every_invariant() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Coverage: the run exercised what it claims to.
     assert!(faults.partitions > 0 && faults.client_partitions > 0 && faults.delays > 0);
+    assert!(faults.silent_drops > 0);
     assert!(faults.coordinator_crashes > 0 && faults.participant_crashes > 0);
     assert!(
         committed * 10 >= transactions,
@@ -71,5 +72,18 @@ fn a_seed_replays_exactly() {
     assert_eq!(
         (first.committed, first.aborted, first.unknown),
         (second.committed, second.aborted, second.unknown)
+    );
+}
+
+/// Regression seed: without HTTP/2 keepalives on the runtimes' channels, a one-way
+/// silent drop in this seed left a connection dead without either end noticing, and a
+/// branch on p5 stayed prepared after the heal (found by the simulation).
+#[test]
+fn seed_59_a_silently_dead_connection_is_noticed_and_redialed() {
+    let outcome = run_seed(&SimPlan::draw(59, 200));
+    assert!(
+        outcome.violations.is_empty(),
+        "{}",
+        outcome.violations.join("\n")
     );
 }

@@ -3,9 +3,9 @@
 //! turmoil's simulated network with simulated time, storage in memory
 //! ([`mem`]; durable across a host's crash). One seed draws everything: the topology,
 //! the knobs (prepare timeout, retry backoff, termination deadline, fsync and link
-//! latency), the bank workload and a fault schedule of partitions (both ways and one
-//! way, participants and clients), held links (delayed, then released at once, which
-//! reorders traffic) and host crashes with restarts. After the workload, every fault
+//! latency), the bank workload and a fault schedule of partitions (of participants and
+//! of clients), delays (traffic held, then released at once), connections that die
+//! silently (one way or both), and host crashes with restarts. After the workload, every fault
 //! heals and the checker runs the bank invariants on the stores' durable state plus the
 //! decision log.
 //!
@@ -113,6 +113,7 @@ struct Transfer {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FaultCounts {
     pub partitions: u64,
+    pub silent_drops: u64,
     pub client_partitions: u64,
     pub delays: u64,
     pub coordinator_crashes: u64,
@@ -122,6 +123,7 @@ pub struct FaultCounts {
 impl FaultCounts {
     pub fn total(&self) -> u64 {
         self.partitions
+            + self.silent_drops
             + self.client_partitions
             + self.delays
             + self.coordinator_crashes
@@ -130,6 +132,7 @@ impl FaultCounts {
 
     pub fn add(&mut self, other: &Self) {
         self.partitions += other.partitions;
+        self.silent_drops += other.silent_drops;
         self.client_partitions += other.client_partitions;
         self.delays += other.delays;
         self.coordinator_crashes += other.coordinator_crashes;
@@ -246,13 +249,21 @@ fn classify(
 /// all when it heals, which is what TCP does across a partition shorter than its
 /// retransmission timeout: requests time out meanwhile, and then arrive late (late
 /// Prepares and Commits, after their transaction moved on). turmoil's dropping
-/// partitions are not used: they lose segments inside a live TCP stream, which real TCP
-/// never does. Connections die the way they do in production: by a crash (the peer
-/// resets them) or by the HTTP/2 keepalive giving up.
+/// partitions lose segments inside a live TCP stream, which real TCP never does, so they
+/// stand only for the one fault that does look like that: a connection that dies
+/// silently (a peer host lost without a reset, a middlebox dropping the connection's
+/// state), which only an HTTP/2 keepalive notices.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     /// Coordinator ↔ participant, held for long (seconds).
     Partition(usize),
+    /// Coordinator → participant, participant → coordinator, or both: segments dropped,
+    /// so open connections die silently.
+    SilentDrop {
+        index: usize,
+        to_participant: bool,
+        to_coordinator: bool,
+    },
     /// Coordinator ↔ a client.
     PartitionClient(usize),
     /// Coordinator ↔ participant, held briefly: traffic arrives late and in a burst.
@@ -510,7 +521,9 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             let hold = Duration::from_millis(match fault {
                 Fault::CrashCoordinator | Fault::CrashParticipant(_) => rng.u64(0..=3000),
                 Fault::Delay(_) => rng.u64(50..=1500),
-                Fault::Partition(_) | Fault::PartitionClient(_) => rng.u64(500..=8000),
+                Fault::Partition(_) | Fault::PartitionClient(_) | Fault::SilentDrop { .. } => {
+                    rng.u64(500..=8000)
+                }
             });
             tracing::info!(target: "sim", at = ?now, ?fault, ?hold, "fault");
             inject(&mut sim, fault, &mut outcome.faults);
@@ -589,8 +602,16 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
 
 fn draw_fault(rng: &mut fastrand::Rng, plan: &SimPlan) -> Fault {
     let index = rng.usize(0..plan.participants);
-    match rng.u8(0..10) {
+    match rng.u8(0..13) {
         0..=2 => Fault::Partition(index),
+        10..=12 => {
+            let way = rng.u8(0..3);
+            Fault::SilentDrop {
+                index,
+                to_participant: way != 1,
+                to_coordinator: way != 0,
+            }
+        }
         3 => Fault::PartitionClient(rng.usize(0..plan.clients)),
         4 | 5 => Fault::Delay(index),
         6 | 7 => Fault::CrashCoordinator,
@@ -603,6 +624,19 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: Fault, counts: &mut FaultCounts) {
         Fault::Partition(i) => {
             sim.hold("coord", participant_name(i).as_str());
             counts.partitions += 1;
+        }
+        Fault::SilentDrop {
+            index,
+            to_participant,
+            to_coordinator,
+        } => {
+            let p = participant_name(index);
+            match (to_participant, to_coordinator) {
+                (true, false) => sim.partition_oneway("coord", p.as_str()),
+                (false, true) => sim.partition_oneway(p.as_str(), "coord"),
+                _ => sim.partition("coord", p.as_str()),
+            }
+            counts.silent_drops += 1;
         }
         Fault::PartitionClient(c) => {
             sim.hold("coord", format!("client{c}").as_str());
@@ -633,6 +667,7 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: Fault) {
         Fault::Partition(i) | Fault::Delay(i) => {
             sim.release("coord", participant_name(i).as_str());
         }
+        Fault::SilentDrop { index, .. } => sim.repair("coord", participant_name(index).as_str()),
         Fault::PartitionClient(c) => sim.release("coord", format!("client{c}").as_str()),
         Fault::CrashCoordinator => {
             if !sim.is_host_running("coord") {
