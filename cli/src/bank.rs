@@ -653,8 +653,10 @@ impl Workload {
     pub async fn join(self) -> Vec<Transfer> {
         let mut transfers = Vec::new();
         for w in self.workers {
-            if let Ok(results) = w.await {
-                transfers.extend(results);
+            match w.await {
+                Ok(results) => transfers.extend(results),
+                // A lost history would hide what the clients heard: never check without it.
+                Err(e) => panic!("a bank client failed: {e}"),
             }
         }
         transfers

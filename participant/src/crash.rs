@@ -2,7 +2,8 @@
 //! test can stop this process. They are compiled in only with the `failpoints` feature
 //! (the `fail` crate) and inert unless `FAILPOINTS` names them:
 //!
-//! - `NAME=return` aborts the process at the point (a crash: nothing after it happens);
+//! - `NAME=return` prints `crash point NAME: abort` to stderr and aborts the process at
+//!   the point (a crash: nothing after it happens);
 //! - `NAME=1*return(pause)` stops the thread at the point, prints `crash point NAME:
 //!   paused` to stderr, and goes on once the file named by `RATIFY_CRASH_POINT_RESUME`
 //!   exists. Meanwhile the test crashes *another* process, so each point can be run
@@ -23,6 +24,8 @@ pub(crate) fn fire(name: &str) {
         return;
     };
     if argument.as_deref() != Some("pause") {
+        // The marker tells a test that the process stopped here and not elsewhere.
+        eprintln!("crash point {name}: abort");
         std::process::abort();
     }
     pause(name);

@@ -10,7 +10,9 @@ use tonic::transport::{Channel, Endpoint};
 /// Makes a lazily connected channel to an endpoint such as `http://127.0.0.1:7401`
 /// (no I/O until the first call); `None` for an endpoint it cannot dial.
 #[derive(Clone)]
-pub struct Dialer(Arc<dyn Fn(&str) -> Option<Channel> + Send + Sync>);
+pub struct Dialer(Arc<DialFn>);
+
+type DialFn = dyn Fn(&str) -> Option<Channel> + Send + Sync;
 
 impl Dialer {
     pub fn new(dial: impl Fn(&str) -> Option<Channel> + Send + Sync + 'static) -> Self {
@@ -22,7 +24,8 @@ impl Dialer {
     }
 
     /// TCP with Nagle off (a 2PC round is a few small messages, each waited for) and
-    /// HTTP/2 keepalives, so a peer that vanished is noticed on an idle connection.
+    /// HTTP/2 keepalives while calls are open, so a connection whose peer went silent is
+    /// dropped and redialed instead of failing every later call by timeout.
     pub fn tcp() -> Self {
         Self::new(|endpoint| {
             Endpoint::from_shared(endpoint.to_string()).ok().map(|e| {

@@ -4,9 +4,9 @@
 //! Wire types stay here. Domain types with required fields made non-optional, checked
 //! on receipt with `TryFrom`, live in the crates that use them.
 
-#[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod dial;
 
+#[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod v1 {
     tonic::include_proto!("ratify.v1");
 }

@@ -112,20 +112,16 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
         .restart_no_wait(&env)
         .expect("restarting the owner");
 
-    // Wait for the point.
-    let marker = format!("crash point {point}: paused");
-    let reached = match way {
-        Way::Peer => {
-            wait_until(Duration::from_secs(60), || {
-                owner_proc(&mut stack, owner).logs()[log_len_before..].contains(&marker)
-            })
-            .await
-        }
-        Way::Owner | Way::Both => {
-            let proc = owner_proc(&mut stack, owner);
-            wait_until(Duration::from_secs(60), || !proc.is_running()).await
-        }
+    // Wait for the point: its marker in the owner's log (and, for a crash, the exit).
+    let marker = match way {
+        Way::Peer => format!("crash point {point}: paused"),
+        Way::Owner | Way::Both => format!("crash point {point}: abort"),
     };
+    let reached = wait_until(Duration::from_secs(60), || {
+        let proc = owner_proc(&mut stack, owner);
+        proc.logs()[log_len_before..].contains(&marker) && (way == Way::Peer || !proc.is_running())
+    })
+    .await;
     assert!(
         reached,
         "crash point {point} was not reached ({way:?})\n{}",

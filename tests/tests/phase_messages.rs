@@ -76,10 +76,23 @@ async fn decide_at(endpoint: &str, txn: TxnId, epoch: u64, commit: bool) -> toni
         .map_or(tonic::Code::Ok, |e| tonic::Code::from_i32(e.code))
 }
 
+/// A NO vote or a refusal by the participant (never a transport failure).
 fn is_no(result: &Result<v1::PrepareResult, tonic::Status>) -> bool {
+    let refusal = |code: tonic::Code| {
+        matches!(
+            code,
+            tonic::Code::FailedPrecondition
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::AlreadyExists
+                | tonic::Code::Aborted
+        )
+    };
     match result {
-        Ok(r) => r.error.is_some() || r.vote() == v1::Vote::No,
-        Err(_) => true,
+        Ok(r) => match &r.error {
+            Some(e) => refusal(tonic::Code::from_i32(e.code)),
+            None => r.vote() == v1::Vote::No,
+        },
+        Err(status) => refusal(status.code()),
     }
 }
 

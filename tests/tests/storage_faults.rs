@@ -96,12 +96,18 @@ async fn fsync_fails_mid_workload(which: Target) {
 
     // Healthy storage again: restart without the shim, go on, then check.
     tokio::task::block_in_place(|| target(&mut stack, which).restart(&[]));
-    let after = done.load(Ordering::Relaxed) + 10;
+    let committed = workload.committed.clone();
+    let committed_before = committed.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while done.load(Ordering::Relaxed) < after && Instant::now() < deadline {
+    while committed.load(Ordering::Relaxed) < committed_before + 5 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let transfers = workload.finish().await;
+    assert!(
+        committed.load(Ordering::Relaxed) >= committed_before + 5,
+        "nothing committed after the restart\n{}",
+        stack.logs()
+    );
     let left = bank.drain(Duration::from_secs(30), |_| {}).await;
     let locks = bank.locks_released(Duration::from_secs(30)).await;
     let report = bank.check(&transfers, left, locks).await;

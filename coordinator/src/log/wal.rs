@@ -423,6 +423,7 @@ impl Writer {
                 crate::crash::pause("coordinator::wal::torn_write");
             } else {
                 // Crash with half of this batch written (C4: a torn decision record).
+                eprintln!("crash point coordinator::wal::torn_write: abort");
                 let _ = self.file.write_all(&buf[..buf.len() / 2]);
                 let _ = self.file.sync_data();
                 std::process::abort()

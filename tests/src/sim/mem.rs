@@ -36,32 +36,74 @@ impl LogDisk {
     }
 }
 
-/// A [`DecisionLog`] on a [`LogDisk`]. An append becomes durable after a simulated
-/// fsync delay; records appended unforced stay in memory until the next forced append
-/// takes them along, so a crash can lose them (as it can lose a real WAL's unsynced
-/// tail).
+/// A [`DecisionLog`] on a [`LogDisk`], shaped like the WAL: every append, forced or
+/// not, goes into one ordered queue; a group commit (after a simulated fsync delay)
+/// moves everything queued so far to the disk in order. A forced append returns once its
+/// records are on the disk; unforced ones are taken along by the next group commit or
+/// by the background writer. A crash loses the queue, as it loses a WAL's unsynced tail.
 #[derive(Debug)]
 pub struct MemLog {
-    disk: Arc<LogDisk>,
+    inner: Arc<LogInner>,
     epoch: u64,
-    fsync: Duration,
-    pending: Mutex<Vec<LogRecord>>,
     recovered: Mutex<Option<Vec<LogRecord>>>,
-    appended: AtomicU64,
+}
+
+#[derive(Debug)]
+struct LogInner {
+    disk: Arc<LogDisk>,
+    fsync: Duration,
+    /// (records queued so far, the queue)
+    queue: Mutex<(u64, Vec<LogRecord>)>,
+    durable: AtomicU64,
+    /// Wakes the background writer when unforced records wait.
+    unforced: tokio::sync::Notify,
+}
+
+impl LogInner {
+    /// One group commit: everything queued so far reaches the disk, in order.
+    fn sync(&self) {
+        let mut queue = lock(&self.queue);
+        let batch = std::mem::take(&mut queue.1);
+        lock(&self.disk.records).extend(batch);
+        self.durable.store(queue.0, Ordering::SeqCst);
+    }
+
+    fn enqueue(&self, records: Vec<LogRecord>) -> u64 {
+        let mut queue = lock(&self.queue);
+        queue.0 += records.len() as u64;
+        queue.1.extend(records);
+        queue.0
+    }
 }
 
 impl MemLog {
-    /// Opens the log: raises the epoch durably and reads back every record.
+    /// Opens the log: raises the epoch durably and reads back every record. Call inside
+    /// the host's runtime (it starts the background writer).
     pub fn open(disk: Arc<LogDisk>, fsync: Duration) -> Self {
         let epoch = disk.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         let recovered = disk.records();
-        Self {
+        let inner = Arc::new(LogInner {
             disk,
-            epoch,
             fsync,
-            pending: Mutex::new(Vec::new()),
+            queue: Mutex::new((0, Vec::new())),
+            durable: AtomicU64::new(0),
+            unforced: tokio::sync::Notify::new(),
+        });
+        let writer = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = writer.upgrade() else {
+                    return;
+                };
+                inner.unforced.notified().await;
+                tokio::time::sleep(inner.fsync).await;
+                inner.sync();
+            }
+        });
+        Self {
+            inner,
+            epoch,
             recovered: Mutex::new(Some(recovered)),
-            appended: AtomicU64::new(0),
         }
     }
 }
@@ -72,17 +114,17 @@ impl DecisionLog for MemLog {
     }
 
     async fn append(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
-        tokio::time::sleep(self.fsync).await;
-        let mut batch = std::mem::take(&mut *lock(&self.pending));
-        self.appended
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
-        batch.extend(records);
-        lock(&self.disk.records).extend(batch);
+        let upto = self.inner.enqueue(records);
+        while self.inner.durable.load(Ordering::SeqCst) < upto {
+            tokio::time::sleep(self.inner.fsync).await;
+            self.inner.sync();
+        }
         Ok(())
     }
 
     fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
-        lock(&self.pending).extend(records);
+        self.inner.enqueue(records);
+        self.inner.unforced.notify_one();
         Ok(())
     }
 
@@ -92,7 +134,7 @@ impl DecisionLog for MemLog {
 
     fn stats(&self) -> LogStats {
         LogStats {
-            records: self.appended.load(Ordering::Relaxed),
+            records: lock(&self.inner.queue).0,
             ..LogStats::default()
         }
     }
@@ -103,12 +145,15 @@ struct PreparedEntry {
     meta: BranchMeta,
     prepared_at_unix_ms: u64,
     writes: Writes,
+    /// Every key the branch's operations touch (Checks too), as the sled store locks.
+    locks: Vec<Vec<u8>>,
 }
 
 /// A participant's disk: committed values with versions, prepared branches with their
 /// writes (whose keys are the branch's locks), and tombstones.
 #[derive(Debug, Default)]
 pub struct StoreDisk {
+    /// What a flush made durable.
     state: Mutex<StoreState>,
     /// A deliberately broken store, to show the checker catches it: prepared branches
     /// are not durable (lost when the host restarts), like a store that votes YES
@@ -116,7 +161,7 @@ pub struct StoreDisk {
     pub volatile_prepare: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct StoreState {
     data: BTreeMap<Vec<u8>, (u64, Vec<u8>)>,
     prepared: BTreeMap<TxnId, PreparedEntry>,
@@ -154,27 +199,32 @@ fn now_ms() -> u64 {
 
 impl StoreState {
     /// Evaluates a branch against committed values and the locks of prepared branches.
-    fn evaluate(&self, txn_id: TxnId, payload: &[u8]) -> Result<Writes, Rejection> {
+    fn evaluate(&self, txn_id: TxnId, payload: &[u8]) -> Result<(Writes, Vec<Vec<u8>>), Rejection> {
         let ops = v1::KvOps::decode(payload)
             .map_err(|e| Rejection(format!("malformed payload: {e}")))?
             .ops;
-        for op in ops.iter().filter_map(|o| o.op.as_ref()) {
-            let key = key_of(op);
+        let keys: Vec<Vec<u8>> = ops
+            .iter()
+            .filter_map(|o| o.op.as_ref())
+            .map(|op| key_of(op).to_vec())
+            .collect();
+        for key in &keys {
             if let Some((other, _)) = self
                 .prepared
                 .iter()
-                .find(|(t, e)| **t != txn_id && e.writes.contains_key(key))
+                .find(|(t, e)| **t != txn_id && e.locks.contains(key))
             {
                 return Err(Rejection(format!("key locked by {other}")));
             }
         }
-        evaluate(&ops, |key| match self.data.get(key) {
+        let writes = evaluate(&ops, |key| match self.data.get(key) {
             Some((version, value)) => Versioned {
                 version: *version,
                 value: Some(value.clone()),
             },
             None => Versioned::default(),
-        })
+        })?;
+        Ok((writes, keys))
     }
 
     fn apply(&mut self, writes: &Writes) {
@@ -204,26 +254,64 @@ impl StoreState {
     }
 }
 
-/// A [`ResourceManager`] over a [`StoreDisk`]; every write is durable when it returns
-/// (as the sled store's are after its flush).
+/// A [`ResourceManager`] over a [`StoreDisk`], with the sled store's flush discipline:
+/// operations change the live state; a YES vote, a commit and a one-phase commit flush
+/// (the live state becomes the disk's) before they return; NO votes, aborts and
+/// forgotten tombstones wait for the next flush or the background flush (every 500 ms,
+/// like sled's), so a crash can lose them, as it can lose them from sled.
 #[derive(Debug)]
 pub struct MemStore {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
     disk: Arc<StoreDisk>,
+    live: Mutex<StoreState>,
+}
+
+impl StoreInner {
+    fn flush(&self, live: &StoreState) {
+        *lock(&self.disk.state) = live.clone();
+    }
 }
 
 impl MemStore {
-    /// Opens the store on its disk (at every start of the host).
+    /// Opens the store on its disk (at every start of the host). Call inside the host's
+    /// runtime (it starts the background flush).
     pub fn new(disk: Arc<StoreDisk>) -> Self {
         if disk.volatile_prepare {
             lock(&disk.state).prepared.clear();
         }
-        Self { disk }
+        let live = lock(&disk.state).clone();
+        let inner = Arc::new(StoreInner {
+            disk,
+            live: Mutex::new(live),
+        });
+        let flusher = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                match flusher.upgrade() {
+                    Some(inner) => {
+                        let live = lock(&inner.live).clone();
+                        inner.flush(&live);
+                    }
+                    None => return,
+                }
+            }
+        });
+        Self { inner }
+    }
+
+    fn live(&self) -> MutexGuard<'_, StoreState> {
+        lock(&self.inner.live)
     }
 }
 
 impl ResourceManager for MemStore {
     async fn prepare(&self, meta: BranchMeta, payload: Bytes) -> Result<StoreVote, StoreError> {
-        let mut state = lock(&self.disk.state);
+        let mut state = self.live();
         if let Some(entry) = state.prepared.get(&meta.txn_id) {
             return Ok(if entry.meta.digest == meta.digest {
                 StoreVote::Yes
@@ -238,30 +326,34 @@ impl ResourceManager for MemStore {
                 state.finish(meta.txn_id, FinishedAs::Aborted, Some(&meta));
                 Ok(StoreVote::No { reason })
             }
-            Ok(writes) if writes.is_empty() => {
+            Ok((writes, _)) if writes.is_empty() => {
                 state.finish(meta.txn_id, FinishedAs::ReadOnly, Some(&meta));
                 Ok(StoreVote::ReadOnly)
             }
-            Ok(writes) => {
+            Ok((writes, locks)) => {
                 state.prepared.insert(
                     meta.txn_id,
                     PreparedEntry {
                         meta,
                         prepared_at_unix_ms: now_ms(),
                         writes,
+                        locks,
                     },
                 );
+                // Durable before the YES leaves.
+                self.inner.flush(&state);
                 Ok(StoreVote::Yes)
             }
         }
     }
 
     async fn commit(&self, txn_id: TxnId) -> Result<(), StoreError> {
-        let mut state = lock(&self.disk.state);
+        let mut state = self.live();
         match state.prepared.remove(&txn_id) {
             Some(entry) => {
                 state.apply(&entry.writes);
                 state.finish(txn_id, FinishedAs::Committed, Some(&entry.meta));
+                self.inner.flush(&state);
                 Ok(())
             }
             None => match state.tombstones.get(&txn_id).map(|t| t.finished_as) {
@@ -272,7 +364,7 @@ impl ResourceManager for MemStore {
     }
 
     async fn abort(&self, txn_id: TxnId) -> Result<(), StoreError> {
-        let mut state = lock(&self.disk.state);
+        let mut state = self.live();
         if state
             .tombstones
             .get(&txn_id)
@@ -290,7 +382,7 @@ impl ResourceManager for MemStore {
         meta: BranchMeta,
         payload: Bytes,
     ) -> Result<OnePhaseOutcome, StoreError> {
-        let mut state = lock(&self.disk.state);
+        let mut state = self.live();
         if let Some(t) = state.tombstones.get(&meta.txn_id) {
             return Ok(match t.finished_as {
                 FinishedAs::Committed | FinishedAs::ReadOnly => OnePhaseOutcome::Committed,
@@ -304,16 +396,17 @@ impl ResourceManager for MemStore {
                 state.finish(meta.txn_id, FinishedAs::Aborted, Some(&meta));
                 Ok(OnePhaseOutcome::Aborted { reason })
             }
-            Ok(writes) => {
+            Ok((writes, _)) => {
                 state.apply(&writes);
                 state.finish(meta.txn_id, FinishedAs::Committed, Some(&meta));
+                self.inner.flush(&state);
                 Ok(OnePhaseOutcome::Committed)
             }
         }
     }
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
-        let state = lock(&self.disk.state);
+        let state = self.live();
         Ok(Recovered {
             prepared: state
                 .prepared
@@ -328,7 +421,7 @@ impl ResourceManager for MemStore {
     }
 
     async fn forget(&self, txn_ids: Vec<TxnId>) -> Result<(), StoreError> {
-        let mut state = lock(&self.disk.state);
+        let mut state = self.live();
         for txn_id in txn_ids {
             state.tombstones.remove(&txn_id);
         }
