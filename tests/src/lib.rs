@@ -17,6 +17,7 @@ pub mod sim;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ratify_cli::bank::{Bank, Report, Transfer};
 pub use ratify_cli::proc::Proc;
 use ratify_proto::TxnId;
 use ratify_proto::v1;
@@ -261,6 +262,35 @@ impl Stack {
         })
         .await;
         assert!(ok, "in-doubt transactions did not drain\n{}", self.logs());
+    }
+
+    /// A bank over this stack's participants with its accounts opened; each client call
+    /// gives up after 5 s (a paused or cut-off node).
+    pub async fn open_bank(&self, accounts_per_participant: usize) -> std::sync::Arc<Bank> {
+        let bank = Bank::new(
+            self.coordinator.endpoint(),
+            self.participants.iter().map(|p| p.endpoint()).collect(),
+            accounts_per_participant,
+        )
+        .with_rpc_timeout(Duration::from_secs(5));
+        bank.open().await.expect("opening the bank's accounts");
+        std::sync::Arc::new(bank)
+    }
+
+    /// After the faults: lets the in-doubt lists drain (30 s), probes that every lock is
+    /// free (30 s), checks the history, and fails with every violation (prefixed with
+    /// `context`) and every process's log. Returns the report for further assertions.
+    pub async fn check_bank(&self, bank: &Bank, transfers: &[Transfer], context: &str) -> Report {
+        let left = bank.drain(Duration::from_secs(30), |_| {}).await;
+        let locks = bank.locks_released(Duration::from_secs(30)).await;
+        let report = bank.check(transfers, left, locks).await;
+        assert!(
+            report.passed(),
+            "{context}: invariants broken:\n{}\n{}",
+            report.failures().join("\n"),
+            self.logs()
+        );
+        report
     }
 
     /// Waits until the coordinator's registry knows every participant.

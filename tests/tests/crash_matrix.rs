@@ -12,11 +12,10 @@
 //! every lock released. Each scenario also asserts that its point was reached, so a
 //! renamed or unreachable point fails instead of passing vacuously.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ratify_cli::bank::{Bank, Workload};
+use ratify_cli::bank::Workload;
 use ratify_tests::{Proc, Stack, StackOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +66,8 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
         ..StackOptions::default()
     });
     stack.wait_registered().await;
-    let bank = Bank::new(
-        stack.coordinator.endpoint(),
-        stack.participants.iter().map(|p| p.endpoint()).collect(),
-        // One account per participant: every transfer spans two participants.
-        1,
-    )
-    .with_rpc_timeout(Duration::from_secs(5));
-    let bank = Arc::new(bank);
-    bank.open().await.expect("opening the accounts");
+    // One account per participant: every transfer spans two participants.
+    let bank = stack.open_bank(1).await;
 
     let resume = stack.dir.path().join("resume");
     let resume_path = resume.display().to_string();
@@ -153,15 +145,9 @@ async fn scenario(point: &'static str, owner: Owner, way: Way) {
         "no transfer completed after the recovery\n{}",
         stack.logs()
     );
-    let left = bank.drain(Duration::from_secs(30), |_| {}).await;
-    let locks = bank.locks_released(Duration::from_secs(30)).await;
-    let report = bank.check(&transfers, left, locks).await;
-    assert!(
-        report.passed(),
-        "{point} ({way:?}): invariants broken:\n{}\n{}",
-        report.failures().join("\n"),
-        stack.logs()
-    );
+    stack
+        .check_bank(&bank, &transfers, &format!("{point} ({way:?})"))
+        .await;
     assert!(
         stack.coordinator.is_running() && stack.participants.iter_mut().all(|p| p.is_running()),
         "a process stopped by itself\n{}",

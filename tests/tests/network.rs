@@ -4,10 +4,9 @@
 //! locks, never abort on its own, and commit after the heal), and phase-2 traffic
 //! delayed while transfers go on.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use ratify_cli::bank::{Bank, Workload};
+use ratify_cli::bank::Workload;
 use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_tests::proxy::LinkFault;
@@ -184,14 +183,7 @@ async fn delayed_phase_two_traffic_keeps_every_invariant() {
         ..StackOptions::default()
     });
     stack.wait_registered().await;
-    let bank = Bank::new(
-        stack.coordinator.endpoint(),
-        stack.participants.iter().map(|p| p.endpoint()).collect(),
-        2,
-    )
-    .with_rpc_timeout(Duration::from_secs(5));
-    let bank = Arc::new(bank);
-    bank.open().await.unwrap();
+    let bank = stack.open_bank(2).await;
     // Everything the coordinator sends p1 arrives 400 ms late, p3's 150 ms late.
     stack.links[0]
         .to_participant
@@ -201,14 +193,6 @@ async fn delayed_phase_two_traffic_keeps_every_invariant() {
         .set_fault(LinkFault::Delay(Duration::from_millis(150)));
     let transfers = Workload::spawn(bank.clone(), 6, 11, Some(60)).join().await;
     stack.heal_all();
-    let left = bank.drain(Duration::from_secs(30), |_| {}).await;
-    let locks = bank.locks_released(Duration::from_secs(30)).await;
-    let report = bank.check(&transfers, left, locks).await;
-    assert!(
-        report.passed(),
-        "{}\n{}",
-        report.failures().join("\n"),
-        stack.logs()
-    );
+    let report = stack.check_bank(&bank, &transfers, "delayed phase 2").await;
     assert!(report.heard_committed > 0, "nothing committed: {report:?}");
 }

@@ -5,11 +5,10 @@
 //! acknowledged is lost: the bank checker holds.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ratify_cli::bank::{Bank, Workload};
+use ratify_cli::bank::Workload;
 use ratify_tests::{Proc, Stack, StackOptions};
 
 fn build_shim(dir: &Path) -> PathBuf {
@@ -63,14 +62,7 @@ async fn fsync_fails_mid_workload(which: Target) {
     }
     let mut stack = Stack::start(options);
     stack.wait_registered().await;
-    let bank = Bank::new(
-        stack.coordinator.endpoint(),
-        stack.participants.iter().map(|p| p.endpoint()).collect(),
-        2,
-    )
-    .with_rpc_timeout(Duration::from_secs(5));
-    let bank = Arc::new(bank);
-    bank.open().await.unwrap();
+    let bank = stack.open_bank(2).await;
     let workload = Workload::spawn(bank.clone(), 4, 3, None);
     let done = workload.done.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -108,15 +100,9 @@ async fn fsync_fails_mid_workload(which: Target) {
         "nothing committed after the restart\n{}",
         stack.logs()
     );
-    let left = bank.drain(Duration::from_secs(30), |_| {}).await;
-    let locks = bank.locks_released(Duration::from_secs(30)).await;
-    let report = bank.check(&transfers, left, locks).await;
-    assert!(
-        report.passed(),
-        "{}\n{}",
-        report.failures().join("\n"),
-        stack.logs()
-    );
+    stack
+        .check_bank(&bank, &transfers, &format!("fsync EIO in the {which:?}"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -138,12 +124,7 @@ async fn a_coordinator_with_a_damaged_log_refuses_to_start_naming_the_damage() {
         ..StackOptions::default()
     });
     stack.wait_registered().await;
-    let bank = Arc::new(Bank::new(
-        stack.coordinator.endpoint(),
-        stack.participants.iter().map(|p| p.endpoint()).collect(),
-        2,
-    ));
-    bank.open().await.unwrap();
+    let bank = stack.open_bank(2).await;
     let transfers = Workload::spawn(bank.clone(), 2, 5, Some(30)).join().await;
     assert!(transfers.iter().any(|t| t.txn.is_some()));
     stack.coordinator.kill9();

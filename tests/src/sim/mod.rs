@@ -39,6 +39,7 @@ use ratify_proto::v1::coordinator_client::CoordinatorClient;
 use ratify_proto::v1::coordinator_server::CoordinatorServer;
 use ratify_proto::v1::participant_server::ParticipantServer;
 
+use crate::{add, put};
 use mem::{LogDisk, MemLog, MemStore, StoreDisk};
 
 const PORT: u16 = 7400;
@@ -165,25 +166,6 @@ fn participant_name(i: usize) -> String {
 
 fn account_key(i: usize) -> String {
     format!("acct-{i}")
-}
-
-fn add(key: &str, delta: i64, min: Option<i64>) -> v1::KvOp {
-    v1::KvOp {
-        op: Some(v1::kv_op::Op::Add(v1::Add {
-            key: key.as_bytes().to_vec().into(),
-            delta,
-            min,
-        })),
-    }
-}
-
-fn put(key: &str, value: &str) -> v1::KvOp {
-    v1::KvOp {
-        op: Some(v1::kv_op::Op::Put(v1::Put {
-            key: key.as_bytes().to_vec().into(),
-            value: value.as_bytes().to_vec().into(),
-        })),
-    }
 }
 
 /// The accounts: (participant, key), spread round-robin.
