@@ -200,6 +200,7 @@ matrix! {
     p2_prepare_written: "participant::prepare::written", Participant;
     p3_prepare_flushed: "participant::prepare::flushed", Participant;
     p5_commit_received: "participant::commit::received", Participant;
+    p6_commit_installed: "participant::commit::installed", Participant;
     p6_commit_applied: "participant::commit::applied", Participant;
     p7_abort_received: "participant::abort::received", Participant;
     p8_recovery: "participant::recovery", Participant;

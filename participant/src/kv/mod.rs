@@ -6,6 +6,13 @@
 //!   set and its metadata: one insert, so atomic).
 //! - `finished`: txn id -> [`TombstoneRecord`].
 //!
+//! A commit is not one sled transaction (each one makes sled write and sync an I/O
+//! buffer of its own): it writes each value, then the tombstone, flushes, and only then
+//! removes the prepared record. Each write carries the version it installs, fixed at
+//! prepare while the branch holds the key's lock, so applying a branch again after a
+//! crash in the middle skips what is already there. Until the flush returns, the prepared
+//! record (durable since the YES) is what brings the branch back after a crash.
+//!
 //! Operations are staged in memory under a transaction id (through the Kv service) and
 //! evaluated at prepare under key locks against committed values. Readers only ever read
 //! `data`, so a prepared-but-undecided value is never visible.
@@ -26,7 +33,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 pub use self::eval::Versioned;
-use self::eval::{Rejection, Writes, show_key};
+use self::eval::{Rejection, show_key};
 pub use self::flusher::FlushStats;
 use self::flusher::Flusher;
 pub use self::staging::{KvLimits, Staging};
@@ -51,6 +58,10 @@ struct StoredWrite {
     /// Unset: delete.
     #[prost(bytes = "vec", optional, tag = "2")]
     value: Option<Vec<u8>>,
+    /// The version this write installs: the key's committed version at prepare, plus
+    /// one. 0 in records written before versions were recorded (then: current + 1).
+    #[prost(uint64, tag = "3")]
+    version: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -223,35 +234,111 @@ impl SledStore {
             return Ok(Err(rejection));
         }
         let mut read_error = None;
+        let mut versions: HashMap<Vec<u8>, u64> = HashMap::new();
         let evaluated = eval::evaluate(&ops, |key| {
-            self.get(key).unwrap_or_else(|e| {
+            let read = self.get(key).unwrap_or_else(|e| {
                 read_error = Some(e);
                 Versioned::default()
-            })
+            });
+            versions.insert(key.to_vec(), read.version);
+            read
         });
         if let Some(error) = read_error {
             self.unlock(meta.txn_id, &keys);
             return Err(error);
         }
-        match evaluated {
-            Ok(writes) => Ok(Ok((writes, keys))),
+        let writes = match evaluated {
+            Ok(writes) => writes,
             Err(rejection) => {
                 self.unlock(meta.txn_id, &keys);
-                Ok(Err(rejection))
+                return Ok(Err(rejection));
             }
+        };
+        // Fix the version each write installs now, while the lock keeps the key still:
+        // this is what makes applying the branch a second time a no-op.
+        let mut stored = Vec::with_capacity(writes.len());
+        for (key, value) in writes {
+            let current = match versions.get(&key) {
+                Some(version) => *version,
+                None => match self.get(&key) {
+                    Ok(read) => read.version,
+                    Err(error) => {
+                        self.unlock(meta.txn_id, &keys);
+                        return Err(error);
+                    }
+                },
+            };
+            stored.push(StoredWrite {
+                key,
+                value,
+                version: current + 1,
+            });
         }
+        Ok(Ok((stored, keys)))
     }
 
-    /// Applies writes to `data` (raising versions), drops the prepared record and writes
-    /// a Committed tombstone, in one sled transaction.
-    fn apply(&self, txn_id: TxnId, writes: &[StoredWrite], digest: u64) -> Result<(), StoreError> {
+    /// Installs each write unless the key already holds its version (or a newer one):
+    /// idempotent, so an apply cut short by a crash can run again. Writes without a
+    /// version (older records) install the current version + 1.
+    fn install_writes(&self, writes: &[StoredWrite]) -> Result<(), StoreError> {
+        for write in writes {
+            let current = self.get(&write.key)?.version;
+            let version = if write.version == 0 {
+                current + 1
+            } else if current >= write.version {
+                continue;
+            } else {
+                write.version
+            };
+            let stored = StoredValue {
+                version,
+                value: write.value.clone(),
+            };
+            self.data
+                .insert(write.key.as_slice(), stored.encode_to_vec())
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Phase two of a committed branch: the writes, then the Committed tombstone, one
+    /// flush, then the prepared record goes. Safe to run again at any point: until the
+    /// flush returns the durable prepared record brings the branch back; after it, the
+    /// writes and the tombstone are durable, and a prepared record that outlived its
+    /// removal is finished by `recover`.
+    async fn apply_prepared(
+        &self,
+        txn_id: TxnId,
+        record: &PreparedRecord,
+    ) -> Result<(), StoreError> {
+        self.install_writes(&record.writes)?;
+        crash_point!("participant::commit::installed");
+        self.tombstone(
+            txn_id,
+            TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(record.digest))),
+        )?;
+        // Durable before the acknowledgement: the coordinator forgets the branch after it.
+        self.flusher.flush().await?;
+        self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
+        Ok(())
+    }
+
+    /// Applies writes to `data`, drops the prepared record (if any) and writes a
+    /// Committed tombstone, in one sled transaction: a one-phase commit has no durable
+    /// prepared record to fall back on, so its writes must land together or not at all.
+    fn apply_atomically(
+        &self,
+        txn_id: TxnId,
+        writes: &[StoredWrite],
+        digest: u64,
+    ) -> Result<(), StoreError> {
         let tombstone = TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(digest)))
             .encode_to_vec();
         let result: Result<(), TransactionError<String>> =
             (&self.data, &self.prepared, &self.finished).transaction(
                 |(data, prepared, finished)| {
                     for write in writes {
-                        let version = match data.get(&write.key)? {
+                        let current = match data.get(&write.key)? {
                             None => 0,
                             Some(bytes) => {
                                 StoredValue::decode(bytes.as_ref())
@@ -264,7 +351,7 @@ impl SledStore {
                             }
                         };
                         let stored = StoredValue {
-                            version: version + 1,
+                            version: current + 1,
                             value: write.value.clone(),
                         };
                         data.insert(write.key.as_slice(), stored.encode_to_vec())?;
@@ -286,18 +373,11 @@ fn drop_writes_for_test() -> bool {
     false
 }
 
-/// A branch's writes and the keys it locked.
-type Evaluated = (Writes, Vec<Vec<u8>>);
+/// A branch's writes (with the versions they install) and the keys it locked.
+type Evaluated = (Vec<StoredWrite>, Vec<Vec<u8>>);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn stored_writes(writes: Writes) -> Vec<StoredWrite> {
-    writes
-        .into_iter()
-        .map(|(key, value)| StoredWrite { key, value })
-        .collect()
 }
 
 impl SledStore {
@@ -335,7 +415,7 @@ impl ResourceManager for SledStore {
             digest: meta.digest.0,
             incarnation: meta.incarnation,
             prepared_at_unix_ms: unix_ms(),
-            writes: stored_writes(writes),
+            writes,
             lock_keys: keys.clone(),
         };
         // One insert holds the results, the lock set and the metadata: atomic by itself.
@@ -374,9 +454,7 @@ impl ResourceManager for SledStore {
         if drop_writes_for_test() {
             record.writes.clear();
         }
-        self.apply(txn_id, &record.writes, record.digest)?;
-        // Durable before the acknowledgement: the coordinator forgets the branch after it.
-        self.flusher.flush().await?;
+        self.apply_prepared(txn_id, &record).await?;
         crash_point!("participant::commit::applied");
         self.unlock(txn_id, &record.lock_keys);
         Ok(())
@@ -390,18 +468,18 @@ impl ResourceManager for SledStore {
             Some(bytes) => Some(decode::<PreparedRecord>(bytes, "prepared")?),
             None => None,
         };
-        let tombstone = TombstoneRecord::new(
-            FinishedAs::Aborted,
-            record.as_ref().map(|r| PayloadDigest(r.digest)),
-        )
-        .encode_to_vec();
-        let result: Result<(), TransactionError<String>> = (&self.prepared, &self.finished)
-            .transaction(|(prepared, finished)| {
-                prepared.remove(txn_id.as_bytes().as_slice())?;
-                finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
-                Ok(())
-            });
-        result.map_err(|e| StoreError::Io(format!("aborting branch {txn_id}: {e}")))?;
+        // The tombstone first, then the prepared record goes: a crash between the two
+        // leaves both, and `recover` finishes the abort.
+        self.tombstone(
+            txn_id,
+            TombstoneRecord::new(
+                FinishedAs::Aborted,
+                record.as_ref().map(|r| PayloadDigest(r.digest)),
+            ),
+        )?;
+        if record.is_some() {
+            self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
+        }
         // Not flushed: presumed abort. If this is lost in a crash the branch comes back
         // prepared, asks the coordinator, and hears ABORTED again.
         if let Some(record) = record {
@@ -436,7 +514,7 @@ impl ResourceManager for SledStore {
                 return Ok(OnePhaseOutcome::Aborted { reason });
             }
         };
-        let applied = self.apply(meta.txn_id, &stored_writes(writes), meta.digest.0);
+        let applied = self.apply_atomically(meta.txn_id, &writes, meta.digest.0);
         let flushed = match applied {
             // Durable before COMMITTED is answered.
             Ok(()) => self.flusher.flush().await,
@@ -449,11 +527,29 @@ impl ResourceManager for SledStore {
     async fn recover(&self) -> Result<Recovered, StoreError> {
         crash_point!("participant::recovery");
         let mut recovered = Recovered::default();
+        let mut finished_while_down = 0;
         for item in self.prepared.iter() {
             let (key, bytes) = item.map_err(io)?;
             let txn_id = TxnId::try_from(key.as_ref())
                 .map_err(|e| StoreError::Io(format!("corrupt prepared key: {e}")))?;
             let record: PreparedRecord = decode(&bytes, "prepared")?;
+            // A decision already carried out here (a crash came between the tombstone and
+            // the removal of the prepared record): finish it instead of asking again.
+            if let Some(tombstone) = self.finished.get(txn_id.as_bytes()).map_err(io)? {
+                match decode::<TombstoneRecord>(&tombstone, "tombstone")?.finished_as {
+                    1 => self.install_writes(&record.writes)?,
+                    2 => {}
+                    other => {
+                        return Err(StoreError::Io(format!(
+                            "branch {txn_id} is prepared but its tombstone says {other}: \
+                             the store is inconsistent"
+                        )));
+                    }
+                }
+                self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
+                finished_while_down += 1;
+                continue;
+            }
             // Re-take the branch's locks before serving anyone: no other branch may touch
             // these keys until the decision arrives.
             self.try_lock(txn_id, &record.lock_keys)
@@ -494,6 +590,11 @@ impl ResourceManager for SledStore {
                 finished_at_unix_ms: record.finished_at_unix_ms,
             });
         }
+        if finished_while_down > 0 {
+            // The re-installed writes must be durable before the branch is served as
+            // finished (a Commit retry is answered from the tombstone).
+            self.flusher.flush().await?;
+        }
         Ok(recovered)
     }
 
@@ -525,5 +626,161 @@ impl Drop for SledStore {
     fn drop(&mut self) {
         // Best effort on a clean shutdown; durability never depends on it.
         let _ = self.db.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The states a crash in the middle of a commit or an abort leaves on disk, built
+    //! directly, and what `recover` and a repeated Commit make of them.
+
+    use super::*;
+
+    fn put(key: &str, value: &str) -> ratify_proto::v1::KvOp {
+        use ratify_proto::v1::{Put, kv_op::Op};
+        ratify_proto::v1::KvOp {
+            op: Some(Op::Put(Put {
+                key: key.as_bytes().to_vec().into(),
+                value: value.as_bytes().to_vec().into(),
+            })),
+        }
+    }
+
+    fn add(key: &str, delta: i64) -> ratify_proto::v1::KvOp {
+        use ratify_proto::v1::{Add, kv_op::Op};
+        ratify_proto::v1::KvOp {
+            op: Some(Op::Add(Add {
+                key: key.as_bytes().to_vec().into(),
+                delta,
+                min: None,
+            })),
+        }
+    }
+
+    async fn prepared(store: &SledStore, ops: Vec<ratify_proto::v1::KvOp>) -> TxnId {
+        let payload: Bytes = ratify_proto::v1::KvOps { ops }.encode_to_vec().into();
+        let txn_id = TxnId::generate();
+        let meta = BranchMeta {
+            txn_id,
+            epoch: 1,
+            digest: PayloadDigest::of(&payload),
+            incarnation: 0,
+        };
+        assert!(matches!(
+            store.prepare(meta, payload).await.unwrap(),
+            StoreVote::Yes
+        ));
+        txn_id
+    }
+
+    fn record(store: &SledStore, txn_id: TxnId) -> PreparedRecord {
+        decode(
+            &store.prepared.get(txn_id.as_bytes()).unwrap().unwrap(),
+            "prepared",
+        )
+        .unwrap()
+    }
+
+    fn value(store: &SledStore, key: &str) -> (u64, Option<String>) {
+        let v = store.get(key.as_bytes()).unwrap();
+        (v.version, v.value.map(|b| String::from_utf8(b).unwrap()))
+    }
+
+    async fn seed(store: &SledStore) {
+        let txn_id = prepared(store, vec![put("a", "1"), put("b", "1")]).await;
+        store.commit(txn_id).await.unwrap();
+        assert_eq!(value(store, "a"), (1, Some("1".into())));
+    }
+
+    #[tokio::test]
+    async fn writes_carry_the_version_they_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        seed(&store).await;
+        let txn_id = prepared(&store, vec![put("a", "2"), put("new", "x")]).await;
+        let versions: Vec<(Vec<u8>, u64)> = record(&store, txn_id)
+            .writes
+            .into_iter()
+            .map(|w| (w.key, w.version))
+            .collect();
+        assert_eq!(versions, vec![(b"a".to_vec(), 2), (b"new".to_vec(), 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_short_after_some_writes_applies_each_write_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id;
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            txn_id = prepared(&store, vec![add("a", 5), put("b", "2")]).await;
+            // The crash: only the first write got installed.
+            let mut first = record(&store, txn_id);
+            first.writes.truncate(1);
+            store.install_writes(&first.writes).unwrap();
+            assert_eq!(value(&store, "a"), (2, Some("6".into())));
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        assert_eq!(recovered.prepared.len(), 1, "no tombstone: still in doubt");
+        assert_eq!(recovered.prepared[0].meta.txn_id, txn_id);
+        store.commit(txn_id).await.unwrap();
+        assert_eq!(
+            value(&store, "a"),
+            (2, Some("6".into())),
+            "not applied twice"
+        );
+        assert_eq!(value(&store, "b"), (2, Some("2".into())));
+        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
+        // A repeated Commit changes nothing.
+        store.commit(txn_id).await.unwrap();
+        assert_eq!(value(&store, "a"), (2, Some("6".into())));
+    }
+
+    #[tokio::test]
+    async fn recovery_finishes_a_commit_whose_tombstone_outlived_the_prepared_record_removal() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id;
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            txn_id = prepared(&store, vec![add("a", 5), put("b", "2")]).await;
+            // The crash: the tombstone made it, the writes and the removal did not.
+            store
+                .tombstone(txn_id, TombstoneRecord::new(FinishedAs::Committed, None))
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        assert!(recovered.prepared.is_empty(), "{:?}", recovered.prepared);
+        assert!(
+            recovered
+                .tombstones
+                .iter()
+                .any(|t| t.txn_id == txn_id && t.finished_as == FinishedAs::Committed)
+        );
+        assert_eq!(value(&store, "a"), (2, Some("6".into())));
+        assert_eq!(value(&store, "b"), (2, Some("2".into())));
+        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
+        assert!(store.locked_keys(&txn_id).is_empty());
+    }
+
+    #[tokio::test]
+    async fn recovery_finishes_an_abort_whose_prepared_record_outlived_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id;
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            txn_id = prepared(&store, vec![add("a", 5)]).await;
+            store
+                .tombstone(txn_id, TombstoneRecord::new(FinishedAs::Aborted, None))
+                .unwrap();
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        assert!(recovered.prepared.is_empty());
+        assert_eq!(value(&store, "a"), (1, Some("1".into())), "nothing applied");
+        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
     }
 }
