@@ -14,7 +14,7 @@ use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::Code;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::branch::{self, BranchState, DecisionStep, OnePhaseStep, PrepareStep, Vote};
 use crate::store::{
@@ -279,7 +279,7 @@ impl<R: ResourceManager> Runtime<R> {
     }
 
     async fn prepare_inner(&self, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
-        let span = info_span!("prepare", txn = %meta.txn_id, epoch = meta.epoch);
+        let span = debug_span!("prepare", txn = %meta.txn_id, epoch = meta.epoch);
         async {
             let _serial = self.lock_txn(&meta.txn_id).await;
             match branch::on_prepare(self.state_of(&meta.txn_id).as_ref(), &meta) {
@@ -324,7 +324,7 @@ impl<R: ResourceManager> Runtime<R> {
                         }
                         Err(error) => {
                             let (code, message) = self.store_failed(&error);
-                            warn!(%message, "prepare failed");
+                            warn!(txn = %meta.txn_id, %message, "prepare failed");
                             PrepareAnswer::refused(code, message)
                         }
                     }
@@ -336,7 +336,7 @@ impl<R: ResourceManager> Runtime<R> {
     }
 
     async fn commit_inner(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let span = info_span!("commit", txn = %txn_id, epoch);
+        let span = debug_span!("commit", txn = %txn_id, epoch);
         async {
             let _serial = self.lock_txn(&txn_id).await;
             let state = self.state_of(&txn_id);
@@ -361,7 +361,7 @@ impl<R: ResourceManager> Runtime<R> {
     }
 
     async fn abort_inner(&self, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let span = info_span!("abort", txn = %txn_id, epoch);
+        let span = debug_span!("abort", txn = %txn_id, epoch);
         async {
             let _serial = self.lock_txn(&txn_id).await;
             let state = self.state_of(&txn_id);
@@ -390,7 +390,7 @@ impl<R: ResourceManager> Runtime<R> {
         meta: BranchMeta,
         payload: Bytes,
     ) -> Result<OnePhaseOutcome, Refused> {
-        let span = info_span!("commit_one_phase", txn = %meta.txn_id);
+        let span = debug_span!("commit_one_phase", txn = %meta.txn_id);
         async {
             let _serial = self.lock_txn(&meta.txn_id).await;
             match branch::on_commit_one_phase(self.state_of(&meta.txn_id).as_ref(), &meta) {
