@@ -129,6 +129,25 @@ fn add(key: &str, delta: i64, min: Option<i64>) -> v1::KvOp {
     }
 }
 
+/// The one-shot transaction that opens participant `p`'s accounts (`accounts` as
+/// (participant index, key)) at [`OPENING_BALANCE`]; it waits for phase two, so the
+/// accounts are readable once it answers COMMITTED.
+pub fn opening_request(accounts: &[(usize, String)], p: usize) -> v1::ExecuteRequest {
+    let ops = accounts
+        .iter()
+        .filter(|(ap, _)| *ap == p)
+        .map(|(_, k)| put(k, &OPENING_BALANCE.to_string()))
+        .collect();
+    v1::ExecuteRequest {
+        branches: vec![v1::ExecuteBranch {
+            participant: participant_name(p),
+            payload: v1::KvOps { ops }.encode_to_vec().into(),
+        }],
+        timeout_ms: 0,
+        wait_for_phase2: true,
+    }
+}
+
 fn put(key: &str, value: &str) -> v1::KvOp {
     v1::KvOp {
         op: Some(v1::kv_op::Op::Put(v1::Put {
@@ -208,21 +227,8 @@ impl Bank {
             .await
             .ok_or_else(|| format!("cannot reach the coordinator at {}", self.coordinator))?;
         for p in 0..self.participants.len() {
-            let ops = self
-                .accounts
-                .iter()
-                .filter(|(ap, _)| *ap == p)
-                .map(|(_, k)| put(k, &OPENING_BALANCE.to_string()))
-                .collect();
             let r = c
-                .execute(v1::ExecuteRequest {
-                    branches: vec![v1::ExecuteBranch {
-                        participant: participant_name(p),
-                        payload: v1::KvOps { ops }.encode_to_vec().into(),
-                    }],
-                    timeout_ms: 0,
-                    wait_for_phase2: true,
-                })
+                .execute(opening_request(&self.accounts, p))
                 .await
                 .map_err(|s| format!("opening the accounts on {}: {s}", participant_name(p)))?
                 .into_inner();

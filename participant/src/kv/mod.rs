@@ -477,12 +477,10 @@ impl ResourceManager for SledStore {
                 record.as_ref().map(|r| PayloadDigest(r.digest)),
             ),
         )?;
-        if record.is_some() {
-            self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
-        }
         // Not flushed: presumed abort. If this is lost in a crash the branch comes back
         // prepared, asks the coordinator, and hears ABORTED again.
         if let Some(record) = record {
+            self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
             self.unlock(txn_id, &record.lock_keys);
         }
         Ok(())

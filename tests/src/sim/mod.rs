@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
+use ratify_cli::bank::{OPENING_BALANCE, opening_request};
+use ratify_cli::stack::participant_name;
 use ratify_coordinator::engine::EngineConfig;
 use ratify_coordinator::log::{Decision, LogRecord};
 use ratify_coordinator::registry::Registry;
@@ -43,7 +45,6 @@ use crate::{add, put};
 use mem::{LogDisk, MemLog, MemStore, StoreDisk};
 
 const PORT: u16 = 7400;
-const OPENING_BALANCE: i64 = 1000;
 
 /// What one seed runs.
 #[derive(Debug, Clone)]
@@ -158,10 +159,6 @@ pub struct SimOutcome {
     pub violations: Vec<String>,
     /// A digest of the final state and the clients' answers (to compare replays).
     pub digest: u64,
-}
-
-fn participant_name(i: usize) -> String {
-    format!("p{}", i + 1)
 }
 
 fn account_key(i: usize) -> String {
@@ -402,22 +399,7 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
             .ok_or("bad endpoint")?;
             let mut c = CoordinatorClient::new(channel);
             for p in 0..plan.participants {
-                let ops = accounts
-                    .iter()
-                    .filter(|(ap, _)| *ap == p)
-                    .map(|(_, k)| put(k, &OPENING_BALANCE.to_string()))
-                    .collect();
-                let r = c
-                    .execute(v1::ExecuteRequest {
-                        branches: vec![v1::ExecuteBranch {
-                            participant: participant_name(p),
-                            payload: v1::KvOps { ops }.encode_to_vec().into(),
-                        }],
-                        timeout_ms: 0,
-                        wait_for_phase2: true,
-                    })
-                    .await?
-                    .into_inner();
+                let r = c.execute(opening_request(&accounts, p)).await?.into_inner();
                 if r.outcome() != v1::Outcome::Committed {
                     return Err(format!("opening accounts failed: {}", r.reason).into());
                 }
