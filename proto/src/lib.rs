@@ -5,6 +5,7 @@
 //! on receipt with `TryFrom`, live in the crates that use them.
 
 pub mod dial;
+pub mod frame;
 
 #[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod v1 {

@@ -6,26 +6,20 @@
 //! write can therefore only damage the last frame of the last segment.
 
 use prost::Message;
+use ratify_proto::frame as framing;
 use ratify_proto::v1;
 
 use super::LogRecord;
 
+pub use ratify_proto::frame::{Damage, FRAME_HEADER_LEN, HEADER_LEN, MAX_FRAME_LEN};
+
 pub const MAGIC: &[u8; 8] = b"RATIFYWL";
 pub const FORMAT: u32 = 1;
-pub const HEADER_LEN: usize = 16;
-pub const FRAME_HEADER_LEN: usize = 8;
-/// Frames larger than this are corruption (checked before anything is allocated).
-pub const MAX_FRAME_LEN: usize = 16 << 20;
 /// The version written in every `WalBatch`.
 pub const BATCH_VERSION: u32 = 1;
 
 pub fn segment_header() -> [u8; HEADER_LEN] {
-    let mut header = [0u8; HEADER_LEN];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&FORMAT.to_le_bytes());
-    let crc = crc32c::crc32c(&header[..12]);
-    header[12..16].copy_from_slice(&crc.to_le_bytes());
-    header
+    framing::segment_header(MAGIC, FORMAT)
 }
 
 /// Appends one frame holding `records` to `out`.
@@ -34,21 +28,7 @@ pub fn encode_frame(records: &[LogRecord], out: &mut Vec<u8>) {
         version: BATCH_VERSION,
         records: records.iter().map(v1::WalRecord::from).collect(),
     };
-    let payload = batch.encode_to_vec();
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
-}
-
-/// What is wrong at some offset of a segment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Damage {
-    pub offset: usize,
-    pub why: String,
-    /// Whether a torn write could explain it: the frame is short or fails its CRC and no
-    /// valid frame follows it. A damaged frame followed by a valid one, or a frame whose
-    /// CRC holds but whose content does not decode, is corruption.
-    pub torn_tail: bool,
+    framing::encode_frame(&batch.encode_to_vec(), out);
 }
 
 /// The result of reading a segment.
@@ -62,65 +42,7 @@ pub struct Scan {
 
 /// Checks a segment header.
 pub fn check_header(bytes: &[u8]) -> Result<(), String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!(
-            "segment header is {} bytes, expected {HEADER_LEN}",
-            bytes.len()
-        ));
-    }
-    if &bytes[..8] != MAGIC {
-        return Err("bad magic: not a Ratify WAL segment".into());
-    }
-    let format = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    let crc = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
-    if crc != crc32c::crc32c(&bytes[..12]) {
-        return Err("segment header checksum mismatch".into());
-    }
-    if format != FORMAT {
-        return Err(format!(
-            "unsupported segment format {format} (this build reads {FORMAT})"
-        ));
-    }
-    Ok(())
-}
-
-enum Frame<'a> {
-    Valid { payload: &'a [u8], end: usize },
-    Bad(String),
-}
-
-fn read_frame(bytes: &[u8], offset: usize) -> Frame<'_> {
-    let rest = &bytes[offset..];
-    if rest.len() < FRAME_HEADER_LEN {
-        return Frame::Bad(format!(
-            "{} stray bytes where a frame header should be",
-            rest.len()
-        ));
-    }
-    let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
-    if len == 0 {
-        return Frame::Bad("zero-length frame".into());
-    }
-    if len > MAX_FRAME_LEN {
-        return Frame::Bad(format!(
-            "frame length {len} exceeds the maximum {MAX_FRAME_LEN}"
-        ));
-    }
-    if rest.len() - FRAME_HEADER_LEN < len {
-        return Frame::Bad(format!(
-            "frame of {len} bytes cut short at {} bytes",
-            rest.len() - FRAME_HEADER_LEN
-        ));
-    }
-    let payload = &rest[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len];
-    if crc32c::crc32c(payload) != crc {
-        return Frame::Bad("frame checksum mismatch".into());
-    }
-    Frame::Valid {
-        payload,
-        end: offset + FRAME_HEADER_LEN + len,
-    }
+    framing::check_header(bytes, MAGIC, FORMAT, "a Ratify WAL segment")
 }
 
 fn decode_batch(payload: &[u8]) -> Result<Vec<LogRecord>, String> {
@@ -142,52 +64,14 @@ fn decode_batch(payload: &[u8]) -> Result<Vec<LogRecord>, String> {
 pub fn scan_segment(bytes: &[u8]) -> Result<Scan, String> {
     check_header(bytes)?;
     let mut records = Vec::new();
-    let mut offset = HEADER_LEN;
-    while offset < bytes.len() {
-        match read_frame(bytes, offset) {
-            Frame::Valid { payload, end } => match decode_batch(payload) {
-                Ok(batch) => {
-                    records.extend(batch);
-                    offset = end;
-                }
-                Err(why) => {
-                    return Ok(Scan {
-                        records,
-                        valid_len: offset,
-                        damage: Some(Damage {
-                            offset,
-                            why: format!("checksum holds but {why}"),
-                            torn_tail: false,
-                        }),
-                    });
-                }
-            },
-            Frame::Bad(why) => {
-                let later = (offset + 1..bytes.len())
-                    .find(|o| matches!(read_frame(bytes, *o), Frame::Valid { .. }));
-                let (why, torn_tail) = match later {
-                    Some(at) => (
-                        format!("{why}; a valid frame follows at offset {at}"),
-                        false,
-                    ),
-                    None => (why, true),
-                };
-                return Ok(Scan {
-                    records,
-                    valid_len: offset,
-                    damage: Some(Damage {
-                        offset,
-                        why,
-                        torn_tail,
-                    }),
-                });
-            }
-        }
-    }
+    let scan = framing::scan_frames(bytes, |payload| {
+        records.extend(decode_batch(payload)?);
+        Ok(())
+    });
     Ok(Scan {
         records,
-        valid_len: offset,
-        damage: None,
+        valid_len: scan.valid_len,
+        damage: scan.damage,
     })
 }
 

@@ -1,5 +1,5 @@
 //! Group commit for sled: one thread runs `Db::flush()` for every waiter that arrived
-//! before the flush started, so concurrent prepares and commits share one fsync.
+//! before the flush started, so concurrent one-phase commits and checkpoints share one.
 //!
 //! sled's `flush_async` deadlocks under concurrent callers (upstream #1308), so every
 //! flush goes through here, off the async threads.
@@ -12,7 +12,8 @@ use tokio::sync::oneshot;
 
 use crate::store::StoreError;
 
-/// Counters of the flusher (for metrics and the bench).
+/// Counters of a group commit (for metrics and the bench): fdatasyncs, and the records
+/// that waited for one.
 #[derive(Debug, Default)]
 pub struct FlushStats {
     pub flushes: AtomicU64,
@@ -24,16 +25,14 @@ pub struct Flusher {
     /// `None` only while dropping.
     requests: Option<mpsc::Sender<oneshot::Sender<Result<(), String>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    pub stats: Arc<FlushStats>,
     failed: Arc<AtomicBool>,
 }
 
 impl Flusher {
     pub fn start(db: sled::Db) -> Self {
         let (requests, receiver) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
-        let stats = Arc::new(FlushStats::default());
         let failed = Arc::new(AtomicBool::new(false));
-        let (thread_stats, thread_failed) = (stats.clone(), failed.clone());
+        let thread_failed = failed.clone();
         let thread = std::thread::Builder::new()
             .name("sled-flusher".into())
             .spawn(move || {
@@ -50,10 +49,6 @@ impl Flusher {
                             e.to_string()
                         })
                     };
-                    thread_stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    thread_stats
-                        .waiters
-                        .fetch_add(waiters.len() as u64, Ordering::Relaxed);
                     for waiter in waiters {
                         let _ = waiter.send(result.clone());
                     }
@@ -63,13 +58,11 @@ impl Flusher {
         Self {
             requests: Some(requests),
             thread: Some(thread),
-            stats,
             failed,
         }
     }
 
-    /// Returns once everything written to the Db before this call is on disk.
-    pub async fn flush(&self) -> Result<(), StoreError> {
+    fn request(&self) -> Result<oneshot::Receiver<Result<(), String>>, StoreError> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(StoreError::Fatal("an earlier flush failed".into()));
         }
@@ -79,11 +72,29 @@ impl Flusher {
             .ok_or_else(|| StoreError::Fatal("the flusher is stopped".into()))?
             .send(tx)
             .map_err(|_| StoreError::Fatal("the flusher thread is gone".into()))?;
-        match rx.await {
+        Ok(rx)
+    }
+
+    fn answer(
+        answer: Result<Result<(), String>, oneshot::error::RecvError>,
+    ) -> Result<(), StoreError> {
+        match answer {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::Fatal(format!("sled flush failed: {e}"))),
             Err(_) => Err(StoreError::Fatal("the flusher thread is gone".into())),
         }
+    }
+
+    /// Returns once everything written to the Db before this call is on disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let rx = self.request()?;
+        Self::answer(rx.await)
+    }
+
+    /// The same, from a thread outside the async runtime.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        let rx = self.request()?;
+        Self::answer(rx.blocking_recv())
     }
 }
 

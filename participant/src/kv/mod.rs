@@ -1,17 +1,26 @@
 //! The built-in store: a transactional key-value store over sled.
 //!
-//! Layout (one sled Db, three trees):
+//! Layout: one sled Db with two trees, and a journal beside it.
 //! - `data`: key -> [`StoredValue`] (version + value; a delete keeps the version).
-//! - `prepared`: txn id -> [`PreparedRecord`] (the branch's evaluated writes, its lock
-//!   set and its metadata: one insert, so atomic).
 //! - `finished`: txn id -> [`TombstoneRecord`].
+//! - the journal (`<data-dir>/journal/`, see [`journal`]): each prepared branch
+//!   ([`PreparedRecord`]: its evaluated writes, its lock set and its metadata) and each
+//!   decision carried out. Prepared branches otherwise live in memory.
 //!
-//! A commit is not one sled transaction (each one makes sled write and sync an I/O
-//! buffer of its own): it writes each value, then the tombstone, flushes, and only then
-//! removes the prepared record. Each write carries the version it installs, fixed at
-//! prepare while the branch holds the key's lock, so applying a branch again after a
-//! crash in the middle skips what is already there. Until the flush returns, the prepared
-//! record (durable since the YES) is what brings the branch back after a crash.
+//! sled is never flushed on the hot path (a sled flush seals an I/O buffer and hands it
+//! to sled's thread pool, which costs more than the fdatasync itself). Durability comes
+//! from the journal instead: a YES waits for its Prepared record, a commit acknowledgement
+//! for its Committed record, each group-committed with fdatasync. A commit writes each
+//! value and the tombstone to sled first and then journals the decision, so everything a
+//! journal record stands for is in sled by the time the record is queued. Each write
+//! carries the version it installs, fixed at prepare while the branch holds the key's
+//! lock, so replaying a commit over a sled that already has it (or newer values) changes
+//! nothing. A checkpoint (every [`CHECKPOINT_INTERVAL`] with new records) starts a new
+//! journal segment with a snapshot of the prepared branches, flushes sled, and removes
+//! the older segments. Recovery replays the journal over sled and checkpoints.
+//!
+//! A one-phase commit has no prepared record to fall back on, so it stays one sled
+//! transaction followed by a sled flush.
 //!
 //! Operations are staged in memory under a transaction id (through the Kv service) and
 //! evaluated at prepare under key locks against committed values. Readers only ever read
@@ -19,12 +28,14 @@
 
 pub mod eval;
 mod flusher;
+mod journal;
 pub mod service;
 pub mod staging;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
@@ -36,6 +47,7 @@ pub use self::eval::Versioned;
 use self::eval::{Rejection, show_key};
 pub use self::flusher::FlushStats;
 use self::flusher::Flusher;
+use self::journal::{Entry, Journal};
 pub use self::staging::{KvLimits, Staging};
 use crate::runtime::unix_ms;
 use crate::store::{
@@ -110,16 +122,68 @@ impl TombstoneRecord {
     }
 }
 
+/// How often a checkpoint runs while new journal records arrive.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the checkpoint thread shares with the store.
+#[derive(Debug)]
+struct Durability {
+    /// The prepared branches. Held while a Prepared or decision record is queued, so a
+    /// checkpoint's snapshot and the journal's order agree.
+    prepared: Mutex<HashMap<TxnId, PreparedRecord>>,
+    journal: Journal,
+    flusher: Flusher,
+}
+
 /// The sled key-value store.
 #[derive(Debug)]
 pub struct SledStore {
     db: sled::Db,
     data: sled::Tree,
-    prepared: sled::Tree,
+    /// Prepared records of stores written before the journal existed: read (and then
+    /// emptied) by recovery only.
+    legacy_prepared: sled::Tree,
     finished: sled::Tree,
     locks: Mutex<HashMap<Vec<u8>, TxnId>>,
     staging: Staging,
-    flusher: Flusher,
+    durability: Arc<Durability>,
+    /// Journal records found at open, for `recover` to replay.
+    replay: Mutex<Option<Vec<Entry>>>,
+    checkpoints: Mutex<Option<Checkpoints>>,
+}
+
+/// The checkpoint thread; dropping this stops it.
+#[derive(Debug)]
+struct Checkpoints {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Durability {
+    /// Starts a journal segment holding the prepared branches, flushes sled, waits for
+    /// the snapshot and removes the older segments. Safe at any moment: every record in
+    /// the older segments was queued after its effect was applied to sled (so the flush
+    /// covers it) or is a prepared branch (so the snapshot, taken under the same lock as
+    /// the queueing, covers it).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let (seq, snapshot_durable) = {
+            let prepared = lock(&self.prepared);
+            let branches = prepared.iter().map(|(t, r)| (*t, r.clone())).collect();
+            self.journal.start_segment(&Entry::Snapshot(branches))?
+        };
+        self.flusher.flush_blocking()?;
+        snapshot_durable.wait_blocking()?;
+        self.journal.remove_segments_before(seq)
+    }
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -133,23 +197,80 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, StoreErro
 impl SledStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path, limits: KvLimits) -> Result<Self, StoreError> {
+        // No background flushes: checkpoints flush sled, and the journal makes promises
+        // durable in between.
         let db = sled::Config::new()
             .path(dir.join("sled"))
+            .flush_every_ms(None)
             .open()
             .map_err(|e| StoreError::Io(format!("opening sled at {}: {e}", dir.display())))?;
+        let (journal, replay) = Journal::open(&dir.join("journal"))?;
         Ok(Self {
             data: db.open_tree("data").map_err(io)?,
-            prepared: db.open_tree("prepared").map_err(io)?,
+            legacy_prepared: db.open_tree("prepared").map_err(io)?,
             finished: db.open_tree("finished").map_err(io)?,
-            flusher: Flusher::start(db.clone()),
+            durability: Arc::new(Durability {
+                prepared: Mutex::default(),
+                journal,
+                flusher: Flusher::start(db.clone()),
+            }),
             db,
             locks: Mutex::default(),
             staging: Staging::new(limits),
+            replay: Mutex::new(Some(replay)),
+            checkpoints: Mutex::new(None),
         })
     }
 
+    /// The journal's group-commit counters (fdatasyncs, and records that waited for one).
     pub fn flush_stats(&self) -> &FlushStats {
-        &self.flusher.stats
+        self.durability.journal.stats()
+    }
+
+    /// Queues a journal record under the prepared-branches lock after `update` ran on
+    /// the branches, so a checkpoint sees either both or neither.
+    fn journal(
+        &self,
+        entry: &Entry,
+        forced: bool,
+        update: impl FnOnce(&mut HashMap<TxnId, PreparedRecord>),
+    ) -> Result<journal::Durable, StoreError> {
+        let frames = entry.encode();
+        let mut prepared = lock(&self.durability.prepared);
+        let durable = self.durability.journal.append(&frames, forced)?;
+        update(&mut prepared);
+        Ok(durable)
+    }
+
+    fn prepared_record(&self, txn_id: &TxnId) -> Option<PreparedRecord> {
+        lock(&self.durability.prepared).get(txn_id).cloned()
+    }
+
+    fn start_checkpoints(&self) -> Result<(), StoreError> {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let durability = self.durability.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpoints".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_INTERVAL)
+                {
+                    if !durability.journal.dirty() {
+                        continue;
+                    }
+                    if let Err(e) = durability.checkpoint() {
+                        tracing::error!("checkpoint failed: {e}");
+                        durability.journal.fail(format!("a checkpoint failed: {e}"));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Io(format!("spawning the checkpoint thread: {e}")))?;
+        *lock(&self.checkpoints) = Some(Checkpoints {
+            stop: Some(stop),
+            thread: Some(thread),
+        });
+        Ok(())
     }
 
     /// Reads a key's committed value.
@@ -301,11 +422,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// Phase two of a committed branch: the writes, then the Committed tombstone, one
-    /// flush, then the prepared record goes. Safe to run again at any point: until the
-    /// flush returns the durable prepared record brings the branch back; after it, the
-    /// writes and the tombstone are durable, and a prepared record that outlived its
-    /// removal is finished by `recover`.
+    /// Phase two of a committed branch: the writes and the Committed tombstone go to
+    /// sled, then the Committed record to the journal. Safe to run again at any point:
+    /// until that record is durable the journal's Prepared record brings the branch back
+    /// after a crash, and the writes install only where the key is older than them.
     async fn apply_prepared(
         &self,
         txn_id: TxnId,
@@ -318,13 +438,18 @@ impl SledStore {
             TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(record.digest))),
         )?;
         // Durable before the acknowledgement: the coordinator forgets the branch after it.
-        self.flusher.flush().await?;
-        self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
-        Ok(())
+        self.journal(
+            &Entry::Decided(txn_id, FinishedAs::Committed),
+            true,
+            |prepared| {
+                prepared.remove(&txn_id);
+            },
+        )?
+        .wait()
+        .await
     }
 
-    /// Applies writes to `data`, drops the prepared record (if any) and writes a
-    /// Committed tombstone, in one sled transaction: a one-phase commit has no durable
+    /// Applies writes to `data` and writes a Committed tombstone, in one sled transaction: a one-phase commit has no durable
     /// prepared record to fall back on, so its writes must land together or not at all.
     fn apply_atomically(
         &self,
@@ -334,33 +459,30 @@ impl SledStore {
     ) -> Result<(), StoreError> {
         let tombstone = TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(digest)))
             .encode_to_vec();
-        let result: Result<(), TransactionError<String>> =
-            (&self.data, &self.prepared, &self.finished).transaction(
-                |(data, prepared, finished)| {
-                    for write in writes {
-                        let current = match data.get(&write.key)? {
-                            None => 0,
-                            Some(bytes) => {
-                                StoredValue::decode(bytes.as_ref())
-                                    .map_err(|e| {
-                                        ConflictableTransactionError::Abort(format!(
-                                            "corrupt value: {e}"
-                                        ))
-                                    })?
-                                    .version
-                            }
-                        };
-                        let stored = StoredValue {
-                            version: current + 1,
-                            value: write.value.clone(),
-                        };
-                        data.insert(write.key.as_slice(), stored.encode_to_vec())?;
-                    }
-                    prepared.remove(txn_id.as_bytes().as_slice())?;
-                    finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
-                    Ok(())
-                },
-            );
+        let result: Result<(), TransactionError<String>> = (&self.data, &self.finished)
+            .transaction(|(data, finished)| {
+                for write in writes {
+                    let current = match data.get(&write.key)? {
+                        None => 0,
+                        Some(bytes) => {
+                            StoredValue::decode(bytes.as_ref())
+                                .map_err(|e| {
+                                    ConflictableTransactionError::Abort(format!(
+                                        "corrupt value: {e}"
+                                    ))
+                                })?
+                                .version
+                        }
+                    };
+                    let stored = StoredValue {
+                        version: current + 1,
+                        value: write.value.clone(),
+                    };
+                    data.insert(write.key.as_slice(), stored.encode_to_vec())?;
+                }
+                finished.insert(txn_id.as_bytes().as_slice(), tombstone.as_slice())?;
+                Ok(())
+            });
         result.map_err(|e| StoreError::Io(format!("applying branch {txn_id}: {e}")))
     }
 }
@@ -418,37 +540,40 @@ impl ResourceManager for SledStore {
             writes,
             lock_keys: keys.clone(),
         };
-        // One insert holds the results, the lock set and the metadata: atomic by itself.
-        if let Err(e) = self
-            .prepared
-            .insert(meta.txn_id.as_bytes(), record.encode_to_vec())
-        {
-            self.unlock(meta.txn_id, &keys);
-            return Err(io(e));
-        }
+        // One record holds the results, the lock set and the metadata: atomic by itself.
+        let txn_id = meta.txn_id;
+        let durable =
+            match self.journal(&Entry::Prepared(txn_id, record.clone()), true, |prepared| {
+                prepared.insert(txn_id, record);
+            }) {
+                Ok(durable) => durable,
+                Err(e) => {
+                    self.unlock(txn_id, &keys);
+                    return Err(e);
+                }
+            };
         crash_point!("participant::prepare::written");
         // Durable before the YES leaves: after a crash, recover() returns this branch
-        // with its locks. The flusher shares this fsync with concurrent prepares.
-        self.flusher.flush().await?;
+        // with its locks. The journal shares this fdatasync with concurrent branches.
+        durable.wait().await?;
         crash_point!("participant::prepare::flushed");
         Ok(StoreVote::Yes)
     }
 
     async fn commit(&self, txn_id: TxnId) -> Result<(), StoreError> {
         crash_point!("participant::commit::received");
-        let Some(bytes) = self.prepared.get(txn_id.as_bytes()).map_err(io)? else {
-            // Applied already (the branch table missed it): answer as the commit did.
+        let Some(mut record) = self.prepared_record(&txn_id) else {
+            // Applied already (the branch table missed it): answer as the commit did,
+            // once the Committed record queued by that commit is durable.
             if let Some(tombstone) = self.finished.get(txn_id.as_bytes()).map_err(io)?
                 && decode::<TombstoneRecord>(&tombstone, "tombstone")?.finished_as == 1
             {
-                self.flusher.flush().await?;
-                return Ok(());
+                return self.durability.journal.append(&[], true)?.wait().await;
             }
             return Err(StoreError::Io(format!(
                 "prepared record of {txn_id} is missing"
             )));
         };
-        let mut record: PreparedRecord = decode(&bytes, "prepared")?;
         // A deliberate bug for tests of the checkers (compiled in only with the
         // `failpoints` feature): acknowledge the commit but apply nothing.
         if drop_writes_for_test() {
@@ -463,13 +588,9 @@ impl ResourceManager for SledStore {
     async fn abort(&self, txn_id: TxnId) -> Result<(), StoreError> {
         crash_point!("participant::abort::received");
         self.staging.discard(&txn_id);
-        let prepared = self.prepared.get(txn_id.as_bytes()).map_err(io)?;
-        let record = match &prepared {
-            Some(bytes) => Some(decode::<PreparedRecord>(bytes, "prepared")?),
-            None => None,
-        };
-        // The tombstone first, then the prepared record goes: a crash between the two
-        // leaves both, and `recover` finishes the abort.
+        let record = self.prepared_record(&txn_id);
+        // The tombstone first, then the Aborted record: a crash between the two leaves
+        // a prepared branch with an Aborted tombstone, and `recover` finishes the abort.
         self.tombstone(
             txn_id,
             TombstoneRecord::new(
@@ -477,10 +598,16 @@ impl ResourceManager for SledStore {
                 record.as_ref().map(|r| PayloadDigest(r.digest)),
             ),
         )?;
-        // Not flushed: presumed abort. If this is lost in a crash the branch comes back
+        // Not forced: presumed abort. If this is lost in a crash the branch comes back
         // prepared, asks the coordinator, and hears ABORTED again.
         if let Some(record) = record {
-            self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
+            self.journal(
+                &Entry::Decided(txn_id, FinishedAs::Aborted),
+                false,
+                |prepared| {
+                    prepared.remove(&txn_id);
+                },
+            )?;
             self.unlock(txn_id, &record.lock_keys);
         }
         Ok(())
@@ -515,7 +642,7 @@ impl ResourceManager for SledStore {
         let applied = self.apply_atomically(meta.txn_id, &writes, meta.digest.0);
         let flushed = match applied {
             // Durable before COMMITTED is answered.
-            Ok(()) => self.flusher.flush().await,
+            Ok(()) => self.durability.flusher.flush().await,
             Err(e) => Err(e),
         };
         self.unlock(meta.txn_id, &keys);
@@ -524,15 +651,48 @@ impl ResourceManager for SledStore {
 
     async fn recover(&self) -> Result<Recovered, StoreError> {
         crash_point!("participant::recovery");
-        let mut recovered = Recovered::default();
-        let mut finished_while_down = 0;
-        for item in self.prepared.iter() {
+        let Some(replay) = lock(&self.replay).take() else {
+            return Err(StoreError::Refused(
+                "the store was recovered already".into(),
+            ));
+        };
+        // The branches prepared before the journal existed, then the journal in order.
+        let mut prepared: HashMap<TxnId, PreparedRecord> = HashMap::new();
+        let mut legacy = Vec::new();
+        for item in self.legacy_prepared.iter() {
             let (key, bytes) = item.map_err(io)?;
             let txn_id = TxnId::try_from(key.as_ref())
                 .map_err(|e| StoreError::Io(format!("corrupt prepared key: {e}")))?;
-            let record: PreparedRecord = decode(&bytes, "prepared")?;
-            // A decision already carried out here (a crash came between the tombstone and
-            // the removal of the prepared record): finish it instead of asking again.
+            prepared.insert(txn_id, decode(&bytes, "prepared")?);
+            legacy.push(txn_id);
+        }
+        for entry in replay {
+            match entry {
+                Entry::Prepared(txn_id, record) => {
+                    prepared.insert(txn_id, record);
+                }
+                Entry::Decided(txn_id, finished_as) => {
+                    // The record was queued after sled had the writes and the tombstone;
+                    // sled may have lost them since its last flush: apply them again
+                    // (a write already there, or overtaken, is skipped).
+                    if let Some(record) = prepared.remove(&txn_id) {
+                        if finished_as == FinishedAs::Committed {
+                            self.install_writes(&record.writes)?;
+                        }
+                        self.tombstone(
+                            txn_id,
+                            TombstoneRecord::new(finished_as, Some(PayloadDigest(record.digest))),
+                        )?;
+                    }
+                }
+                Entry::Snapshot(branches) => prepared = branches.into_iter().collect(),
+            }
+        }
+        let mut recovered = Recovered::default();
+        let mut still_prepared = HashMap::new();
+        for (txn_id, record) in prepared {
+            // A decision carried out in sled whose journal record the crash cut off: the
+            // tombstone says how it ended, so finish it instead of asking again.
             if let Some(tombstone) = self.finished.get(txn_id.as_bytes()).map_err(io)? {
                 match decode::<TombstoneRecord>(&tombstone, "tombstone")?.finished_as {
                     1 => self.install_writes(&record.writes)?,
@@ -544,8 +704,6 @@ impl ResourceManager for SledStore {
                         )));
                     }
                 }
-                self.prepared.remove(txn_id.as_bytes()).map_err(io)?;
-                finished_while_down += 1;
                 continue;
             }
             // Re-take the branch's locks before serving anyone: no other branch may touch
@@ -565,7 +723,29 @@ impl ResourceManager for SledStore {
                 },
                 prepared_at_unix_ms: record.prepared_at_unix_ms,
             });
+            still_prepared.insert(txn_id, record);
         }
+        recovered
+            .prepared
+            .sort_by_key(|branch| (branch.prepared_at_unix_ms, branch.meta.txn_id));
+        *lock(&self.durability.prepared) = still_prepared;
+        // A checkpoint before serving: the snapshot holds the branches still prepared, the
+        // flush makes what the replay applied durable, and the replayed segments go.
+        let durability = self.durability.clone();
+        let legacy_tree = self.legacy_prepared.clone();
+        tokio::task::spawn_blocking(move || {
+            durability.checkpoint()?;
+            // Only now, with the snapshot durable, may the old records go.
+            if !legacy.is_empty() {
+                for txn_id in legacy {
+                    legacy_tree.remove(txn_id.as_bytes()).map_err(io)?;
+                }
+                durability.flusher.flush_blocking()?;
+            }
+            Ok::<(), StoreError>(())
+        })
+        .await
+        .map_err(|e| StoreError::Fatal(format!("the recovery checkpoint panicked: {e}")))??;
         for item in self.finished.iter() {
             let (key, bytes) = item.map_err(io)?;
             let txn_id = TxnId::try_from(key.as_ref())
@@ -588,24 +768,18 @@ impl ResourceManager for SledStore {
                 finished_at_unix_ms: record.finished_at_unix_ms,
             });
         }
-        if finished_while_down > 0 {
-            // The re-installed writes must be durable before the branch is served as
-            // finished (a Commit retry is answered from the tombstone).
-            self.flusher.flush().await?;
-        }
+        self.start_checkpoints()?;
         Ok(recovered)
     }
 
     fn stats(&self) -> crate::store::StoreStats {
         crate::store::StoreStats {
             flushes: self
-                .flusher
-                .stats
+                .flush_stats()
                 .flushes
                 .load(std::sync::atomic::Ordering::Relaxed),
             flush_waiters: self
-                .flusher
-                .stats
+                .flush_stats()
                 .waiters
                 .load(std::sync::atomic::Ordering::Relaxed),
         }
@@ -622,6 +796,7 @@ impl ResourceManager for SledStore {
 
 impl Drop for SledStore {
     fn drop(&mut self) {
+        lock(&self.checkpoints).take();
         // Best effort on a clean shutdown; durability never depends on it.
         let _ = self.db.flush();
     }
@@ -630,7 +805,9 @@ impl Drop for SledStore {
 #[cfg(test)]
 mod tests {
     //! The states a crash in the middle of a commit or an abort leaves on disk, built
-    //! directly, and what `recover` and a repeated Commit make of them.
+    //! directly, and what `recover` and a repeated Commit make of them. Dropping a store
+    //! stands for the crash: what it queued in the journal is written, and sled holds
+    //! what the test left in it.
 
     use super::*;
 
@@ -672,11 +849,7 @@ mod tests {
     }
 
     fn record(store: &SledStore, txn_id: TxnId) -> PreparedRecord {
-        decode(
-            &store.prepared.get(txn_id.as_bytes()).unwrap().unwrap(),
-            "prepared",
-        )
-        .unwrap()
+        store.prepared_record(&txn_id).expect("a prepared branch")
     }
 
     fn value(store: &SledStore, key: &str) -> (u64, Option<String>) {
@@ -729,7 +902,7 @@ mod tests {
             "not applied twice"
         );
         assert_eq!(value(&store, "b"), (2, Some("2".into())));
-        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
+        assert!(store.prepared_record(&txn_id).is_none());
         // A repeated Commit changes nothing.
         store.commit(txn_id).await.unwrap();
         assert_eq!(value(&store, "a"), (2, Some("6".into())));
@@ -759,7 +932,7 @@ mod tests {
         );
         assert_eq!(value(&store, "a"), (2, Some("6".into())));
         assert_eq!(value(&store, "b"), (2, Some("2".into())));
-        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
+        assert!(store.prepared_record(&txn_id).is_none());
         assert!(store.locked_keys(&txn_id).is_empty());
     }
 
@@ -779,6 +952,130 @@ mod tests {
         let recovered = store.recover().await.unwrap();
         assert!(recovered.prepared.is_empty());
         assert_eq!(value(&store, "a"), (1, Some("1".into())), "nothing applied");
-        assert!(store.prepared.get(txn_id.as_bytes()).unwrap().is_none());
+        assert!(store.prepared_record(&txn_id).is_none());
+    }
+
+    fn segments(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("journal")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn the_journal_brings_back_a_commit_sled_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id;
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            txn_id = prepared(&store, vec![add("a", 5), put("b", "2")]).await;
+            store.commit(txn_id).await.unwrap();
+            // The crash: sled lost the commit (it had not been flushed since), the
+            // journal's Committed record is durable.
+            let old = StoredValue {
+                version: 1,
+                value: Some(b"1".to_vec()),
+            };
+            store.data.insert("a", old.encode_to_vec()).unwrap();
+            store.data.insert("b", old.encode_to_vec()).unwrap();
+            store.finished.remove(txn_id.as_bytes()).unwrap();
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        assert!(recovered.prepared.is_empty(), "{:?}", recovered.prepared);
+        assert_eq!(value(&store, "a"), (2, Some("6".into())));
+        assert_eq!(value(&store, "b"), (2, Some("2".into())));
+        assert!(
+            recovered
+                .tombstones
+                .iter()
+                .any(|t| t.txn_id == txn_id && t.finished_as == FinishedAs::Committed)
+        );
+        assert!(store.locked_keys(&txn_id).is_empty());
+    }
+
+    #[tokio::test]
+    async fn replaying_an_old_commit_never_overwrites_a_newer_value() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            let first = prepared(&store, vec![put("a", "first")]).await;
+            store.commit(first).await.unwrap();
+            let second = prepared(&store, vec![put("a", "second")]).await;
+            store.commit(second).await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        store.recover().await.unwrap();
+        assert_eq!(value(&store, "a"), (3, Some("second".into())));
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_keeps_what_is_prepared_and_drops_the_replayed_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kept, committed);
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            store.recover().await.unwrap();
+            seed(&store).await;
+            kept = prepared(&store, vec![put("kept", "x")]).await;
+            committed = prepared(&store, vec![put("c", "y")]).await;
+            store.commit(committed).await.unwrap();
+            let aborted = prepared(&store, vec![put("d", "z")]).await;
+            store.abort(aborted).await.unwrap();
+            let durability = store.durability.clone();
+            tokio::task::spawn_blocking(move || durability.checkpoint())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(segments(dir.path()), 1, "older segments removed");
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        let prepared: Vec<TxnId> = recovered.prepared.iter().map(|b| b.meta.txn_id).collect();
+        assert_eq!(prepared, vec![kept]);
+        assert_eq!(store.locked_keys(&kept), vec![b"kept".to_vec()]);
+        assert_eq!(value(&store, "c"), (1, Some("y".into())));
+        assert_eq!(value(&store, "d"), (0, None));
+        assert_eq!(segments(dir.path()), 1, "recovery checkpointed too");
+        store.commit(kept).await.unwrap();
+        assert_eq!(value(&store, "kept"), (1, Some("x".into())));
+    }
+
+    #[tokio::test]
+    async fn branches_prepared_before_the_journal_existed_are_recovered_and_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id = TxnId::generate();
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            // An older store kept prepared branches in sled's `prepared` tree.
+            let record = PreparedRecord {
+                format: RECORD_FORMAT,
+                epoch: 1,
+                digest: 7,
+                incarnation: 0,
+                prepared_at_unix_ms: unix_ms(),
+                writes: vec![StoredWrite {
+                    key: b"a".to_vec(),
+                    value: Some(b"legacy".to_vec()),
+                    version: 0,
+                }],
+                lock_keys: vec![b"a".to_vec()],
+            };
+            store
+                .legacy_prepared
+                .insert(txn_id.as_bytes(), record.encode_to_vec())
+                .unwrap();
+        }
+        for _ in 0..2 {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            let recovered = store.recover().await.unwrap();
+            assert_eq!(recovered.prepared.len(), 1);
+            assert_eq!(recovered.prepared[0].meta.txn_id, txn_id);
+            assert!(store.legacy_prepared.is_empty(), "moved to the journal");
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        store.recover().await.unwrap();
+        store.commit(txn_id).await.unwrap();
+        assert_eq!(value(&store, "a"), (2, Some("legacy".into())));
     }
 }
