@@ -153,14 +153,15 @@ fn fsync_ceiling(dir: &std::path::Path, seconds: f64) -> (f64, f64) {
     (rate, percentile(&latencies, 0.5))
 }
 
-/// The echo rate and median latency at `concurrency` callers, one channel (like the bench
-/// clients, which share one channel to the coordinator).
+/// Echo round-trip latencies (µs) at `concurrency` callers for `duration`, one channel
+/// (like the bench clients, which share one channel to the coordinator), and the seconds
+/// they took.
 async fn echo_ceiling(
     endpoint: &str,
     concurrency: u32,
     payload: usize,
     duration: Duration,
-) -> CliResult<(f64, f64)> {
+) -> CliResult<(Vec<u64>, f64)> {
     let channel = client::channel(endpoint).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -189,9 +190,7 @@ async fn echo_ceiling(
     for t in tasks {
         all.extend(t.await.unwrap_or_default());
     }
-    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    Ok((rate, percentile(&all, 0.5)))
+    Ok((all, started.elapsed().as_secs_f64()))
 }
 
 /// CPU seconds used so far by a process (utime + stime).
@@ -424,10 +423,12 @@ async fn measure(
     concurrency: u32,
     fsync: (f64, f64),
 ) -> CliResult<Value> {
-    let echo_duration =
-        (args.duration / 2).clamp(Duration::from_millis(200), Duration::from_secs(3));
-    let (echo_rate, echo_p50) =
-        echo_ceiling(echo, concurrency, args.payload_bytes, echo_duration).await?;
+    // Half the echo ceiling before the workload and half after, so that a machine whose
+    // speed drifts during the run (a shared VM) is compared with its average.
+    let echo_half =
+        (args.duration / 4).clamp(Duration::from_millis(100), Duration::from_millis(1500));
+    let (mut echo_latencies, mut echo_seconds) =
+        echo_ceiling(echo, concurrency, args.payload_bytes, echo_half).await?;
     let cpu_before: Vec<f64> = target.pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let self_cpu_before = cpu_seconds(std::process::id());
     let before = counters(&target.coordinator, &target.participants).await?;
@@ -435,6 +436,12 @@ async fn measure(
     let after = counters(&target.coordinator, &target.participants).await?;
     let cpu_after: Vec<f64> = target.pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let self_cpu = cpu_seconds(std::process::id()) - self_cpu_before;
+    let (more, seconds) = echo_ceiling(echo, concurrency, args.payload_bytes, echo_half).await?;
+    echo_latencies.extend(more);
+    echo_seconds += seconds;
+    let echo_rate = echo_latencies.len() as f64 / echo_seconds;
+    echo_latencies.sort_unstable();
+    let echo_p50 = percentile(&echo_latencies, 0.5);
 
     let txns = (run.committed + run.aborted).max(1) as f64;
     let d = |a: u64, b: u64| a.saturating_sub(b) as f64;
