@@ -15,7 +15,7 @@
 //! journal record stands for is in sled by the time the record is queued. Each write
 //! carries the version it installs, fixed at prepare while the branch holds the key's
 //! lock, so replaying a commit over a sled that already has it (or newer values) changes
-//! nothing. A checkpoint (every [`CHECKPOINT_INTERVAL`] with new records) starts a new
+//! nothing. A checkpoint (every [`CHECKPOINT_INTERVAL`] with new writes) starts a new
 //! journal segment with a snapshot of the prepared branches, flushes sled, and removes
 //! the older segments. Recovery replays the journal over sled and checkpoints.
 //!
@@ -34,6 +34,7 @@ pub mod staging;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,6 +134,9 @@ struct Durability {
     prepared: Mutex<HashMap<TxnId, PreparedRecord>>,
     journal: Journal,
     flusher: Flusher,
+    /// sled was written without a journal record (a NO or read-only tombstone, a
+    /// forgotten tombstone) since the last checkpoint: the next one flushes it.
+    sled_dirty: AtomicBool,
 }
 
 /// The sled key-value store.
@@ -175,6 +179,7 @@ impl Durability {
     /// covers it) or is a prepared branch (so the snapshot, taken under the same lock as
     /// the queueing, covers it).
     fn checkpoint(&self) -> Result<(), StoreError> {
+        self.sled_dirty.store(false, Ordering::Relaxed);
         let (seq, snapshot_durable) = {
             let prepared = lock(&self.prepared);
             let branches = prepared.iter().map(|(t, r)| (*t, r.clone())).collect();
@@ -213,6 +218,7 @@ impl SledStore {
                 prepared: Mutex::default(),
                 journal,
                 flusher: Flusher::start(db.clone()),
+                sled_dirty: AtomicBool::new(false),
             }),
             db,
             locks: Mutex::default(),
@@ -255,7 +261,9 @@ impl SledStore {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_INTERVAL)
                 {
-                    if !durability.journal.dirty() {
+                    if !durability.journal.dirty()
+                        && !durability.sled_dirty.load(Ordering::Relaxed)
+                    {
                         continue;
                     }
                     if let Err(e) = durability.checkpoint() {
@@ -331,6 +339,7 @@ impl SledStore {
         self.finished
             .insert(txn_id.as_bytes(), record.encode_to_vec())
             .map_err(io)?;
+        self.durability.sled_dirty.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -777,11 +786,11 @@ impl ResourceManager for SledStore {
             flushes: self
                 .flush_stats()
                 .flushes
-                .load(std::sync::atomic::Ordering::Relaxed),
+                .load(Ordering::Relaxed),
             flush_waiters: self
                 .flush_stats()
                 .waiters
-                .load(std::sync::atomic::Ordering::Relaxed),
+                .load(Ordering::Relaxed),
         }
     }
 
@@ -790,7 +799,9 @@ impl ResourceManager for SledStore {
         for txn_id in txn_ids {
             batch.remove(txn_id.as_bytes().as_slice());
         }
-        self.finished.apply_batch(batch).map_err(io)
+        self.finished.apply_batch(batch).map_err(io)?;
+        self.durability.sled_dirty.store(true, Ordering::Relaxed);
+        Ok(())
     }
 }
 
