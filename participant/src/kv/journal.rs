@@ -35,6 +35,22 @@ const MAGIC: &[u8; 8] = b"RATIFYPJ";
 const FORMAT: u32 = 1;
 /// How long a record that nobody waits for (an abort) may sit before it is written.
 const UNFORCED_LINGER: Duration = Duration::from_millis(100);
+/// How long a [`Force::Soon`] record may wait for a [`Force::Now`] one to share its
+/// fdatasync.
+const SOON_LINGER: Duration = Duration::from_micros(1000);
+
+/// When an appended record must be durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Force {
+    /// Nobody waits: written with the next batch, or within [`UNFORCED_LINGER`].
+    No,
+    /// Waited for, but off the client's critical path (a commit's acknowledgement): the
+    /// writer waits up to [`SOON_LINGER`] for a [`Force::Now`] record (a prepare,
+    /// which a client is waiting on) so that both share one fdatasync.
+    Soon,
+    /// Waited for on the critical path (a YES vote): written at once.
+    Now,
+}
 
 const KIND_PREPARED: u32 = 1;
 const KIND_COMMITTED: u32 = 2;
@@ -257,7 +273,10 @@ enum Item {
 struct Queue {
     items: Vec<Item>,
     waiters: Vec<Waiter>,
+    /// A [`Force::Now`] record is queued.
     forced: bool,
+    /// When the oldest queued [`Force::Soon`] record was queued.
+    soon_since: Option<std::time::Instant>,
     stopping: bool,
     failed: Option<String>,
     next_seq: u64,
@@ -355,12 +374,10 @@ impl Journal {
         &self.shared.stats
     }
 
-    /// Queues `frames`. When `forced`, the returned wait ends once they (and everything
-    /// queued before them) are durable; otherwise they are written with the next forced
-    /// batch or within [`UNFORCED_LINGER`], and the wait ends at once.
-    pub(super) fn append(&self, frames: &[u8], forced: bool) -> Result<Durable, StoreError> {
-        self.queue(false, frames, forced)
-            .map(|(_, durable)| durable)
+    /// Queues `frames`. Unless `force` is [`Force::No`], the returned wait ends once
+    /// they (and everything queued before them) are durable; otherwise it ends at once.
+    pub(super) fn append(&self, frames: &[u8], force: Force) -> Result<Durable, StoreError> {
+        self.queue(false, frames, force).map(|(_, durable)| durable)
     }
 
     /// Queues `frames`, first starting a new segment if `new_segment` (whose sequence
@@ -369,7 +386,7 @@ impl Journal {
         &self,
         new_segment: bool,
         frames: &[u8],
-        forced: bool,
+        force: Force,
     ) -> Result<(u64, Durable), StoreError> {
         let mut queue = lock(&self.shared.queue);
         if let Some(failure) = &queue.failed {
@@ -391,13 +408,19 @@ impl Journal {
             }
         }
         let seq = queue.next_seq - 1;
-        if !forced {
-            return Ok((seq, Durable(None)));
+        let wake = match force {
+            Force::No => return Ok((seq, Durable(None))),
+            Force::Soon => queue.soon_since.is_none() && !queue.forced,
+            Force::Now => !queue.forced,
+        };
+        match force {
+            Force::Soon => {
+                queue.soon_since.get_or_insert_with(std::time::Instant::now);
+            }
+            _ => queue.forced = true,
         }
         let (tx, rx) = oneshot::channel();
         queue.waiters.push(tx);
-        let wake = !queue.forced;
-        queue.forced = true;
         drop(queue);
         if wake {
             self.shared.wake.notify_one();
@@ -409,7 +432,7 @@ impl Journal {
     /// number and the wait for it to be durable. Records queued before this call go to
     /// the older segments, which [`Journal::remove_segments_before`] may then delete.
     pub(super) fn start_segment(&self, snapshot: &Entry) -> Result<(u64, Durable), StoreError> {
-        self.queue(true, &snapshot.encode(), true)
+        self.queue(true, &snapshot.encode(), Force::Now)
     }
 
     /// Whether anything was appended since the last [`Journal::start_segment`].
@@ -454,20 +477,29 @@ fn write_loop(shared: &Shared, mut file: File, mut seq: u64) {
         let (items, waiters, stopping) = {
             let mut queue = lock(&shared.queue);
             while !queue.forced && !queue.stopping {
-                if queue.items.is_empty() {
+                let linger = match queue.soon_since {
+                    Some(since) => SOON_LINGER.saturating_sub(since.elapsed()),
+                    None if queue.items.is_empty() => Duration::MAX,
+                    None => UNFORCED_LINGER,
+                };
+                if linger.is_zero() {
+                    break;
+                }
+                if linger == Duration::MAX {
                     queue = shared.wake.wait(queue).unwrap_or_else(|p| p.into_inner());
-                } else {
-                    let (next, timeout) = shared
-                        .wake
-                        .wait_timeout(queue, UNFORCED_LINGER)
-                        .unwrap_or_else(|p| p.into_inner());
-                    queue = next;
-                    if timeout.timed_out() {
-                        break;
-                    }
+                    continue;
+                }
+                let (next, timeout) = shared
+                    .wake
+                    .wait_timeout(queue, linger)
+                    .unwrap_or_else(|p| p.into_inner());
+                queue = next;
+                if timeout.timed_out() && queue.soon_since.is_none() {
+                    break;
                 }
             }
             queue.forced = false;
+            queue.soon_since = None;
             (
                 std::mem::take(&mut queue.items),
                 std::mem::take(&mut queue.waiters),
@@ -544,7 +576,7 @@ mod tests {
             .map(|i| Entry::Prepared(TxnId::generate(), record(i)))
             .collect();
         for entry in &entries {
-            journal.append(&entry.encode(), false).unwrap();
+            journal.append(&entry.encode(), Force::No).unwrap();
         }
         entries
     }
@@ -566,7 +598,8 @@ mod tests {
         let (journal, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, first);
         let more = Entry::Decided(TxnId::generate(), FinishedAs::Committed);
-        futures::executor::block_on(journal.append(&more.encode(), true).unwrap().wait()).unwrap();
+        futures::executor::block_on(journal.append(&more.encode(), Force::Now).unwrap().wait())
+            .unwrap();
         drop(journal);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay.len(), 4);
@@ -628,7 +661,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::open(dir.path()).unwrap();
         let old = Entry::Prepared(TxnId::generate(), record(1));
-        journal.append(&old.encode(), false).unwrap();
+        journal.append(&old.encode(), Force::No).unwrap();
         let snapshot = Entry::Snapshot(vec![(TxnId::generate(), record(2))]);
         let (seq, durable) = journal.start_segment(&snapshot).unwrap();
         assert!(!journal.dirty());
@@ -637,5 +670,21 @@ mod tests {
         drop(journal);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, vec![snapshot]);
+    }
+
+    #[test]
+    fn a_record_forced_soon_is_durable_without_a_record_forced_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let entry = Entry::Decided(TxnId::generate(), FinishedAs::Committed);
+        journal
+            .append(&entry.encode(), Force::Soon)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(journal.stats().waiters.load(Ordering::Relaxed), 1);
+        drop(journal);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, vec![entry]);
     }
 }

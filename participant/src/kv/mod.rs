@@ -48,7 +48,7 @@ pub use self::eval::Versioned;
 use self::eval::{Rejection, show_key};
 pub use self::flusher::FlushStats;
 use self::flusher::Flusher;
-use self::journal::{Entry, Journal};
+use self::journal::{Entry, Force, Journal};
 pub use self::staging::{KvLimits, Staging};
 use crate::runtime::unix_ms;
 use crate::store::{
@@ -238,12 +238,12 @@ impl SledStore {
     fn journal(
         &self,
         entry: &Entry,
-        forced: bool,
+        force: Force,
         update: impl FnOnce(&mut HashMap<TxnId, PreparedRecord>),
     ) -> Result<journal::Durable, StoreError> {
         let frames = entry.encode();
         let mut prepared = lock(&self.durability.prepared);
-        let durable = self.durability.journal.append(&frames, forced)?;
+        let durable = self.durability.journal.append(&frames, force)?;
         update(&mut prepared);
         Ok(durable)
     }
@@ -261,8 +261,7 @@ impl SledStore {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_INTERVAL)
                 {
-                    if !durability.journal.dirty()
-                        && !durability.sled_dirty.load(Ordering::Relaxed)
+                    if !durability.journal.dirty() && !durability.sled_dirty.load(Ordering::Relaxed)
                     {
                         continue;
                     }
@@ -432,30 +431,28 @@ impl SledStore {
     }
 
     /// Phase two of a committed branch: the writes and the Committed tombstone go to
-    /// sled, then the Committed record to the journal. Safe to run again at any point:
-    /// until that record is durable the journal's Prepared record brings the branch back
-    /// after a crash, and the writes install only where the key is older than them.
-    async fn apply_prepared(
+    /// sled, then the Committed record to the journal; returns the wait for that record.
+    /// Safe to run again at any point: until the record is durable the journal's Prepared
+    /// record brings the branch back after a crash, and the writes install only where the
+    /// key is older than them.
+    fn apply_prepared(
         &self,
         txn_id: TxnId,
         record: &PreparedRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<journal::Durable, StoreError> {
         self.install_writes(&record.writes)?;
         crash_point!("participant::commit::installed");
         self.tombstone(
             txn_id,
             TombstoneRecord::new(FinishedAs::Committed, Some(PayloadDigest(record.digest))),
         )?;
-        // Durable before the acknowledgement: the coordinator forgets the branch after it.
         self.journal(
             &Entry::Decided(txn_id, FinishedAs::Committed),
-            true,
+            Force::Soon,
             |prepared| {
                 prepared.remove(&txn_id);
             },
-        )?
-        .wait()
-        .await
+        )
     }
 
     /// Applies writes to `data` and writes a Committed tombstone, in one sled transaction: a one-phase commit has no durable
@@ -551,16 +548,19 @@ impl ResourceManager for SledStore {
         };
         // One record holds the results, the lock set and the metadata: atomic by itself.
         let txn_id = meta.txn_id;
-        let durable =
-            match self.journal(&Entry::Prepared(txn_id, record.clone()), true, |prepared| {
+        let durable = match self.journal(
+            &Entry::Prepared(txn_id, record.clone()),
+            Force::Now,
+            |prepared| {
                 prepared.insert(txn_id, record);
-            }) {
-                Ok(durable) => durable,
-                Err(e) => {
-                    self.unlock(txn_id, &keys);
-                    return Err(e);
-                }
-            };
+            },
+        ) {
+            Ok(durable) => durable,
+            Err(e) => {
+                self.unlock(txn_id, &keys);
+                return Err(e);
+            }
+        };
         crash_point!("participant::prepare::written");
         // Durable before the YES leaves: after a crash, recover() returns this branch
         // with its locks. The journal shares this fdatasync with concurrent branches.
@@ -577,7 +577,12 @@ impl ResourceManager for SledStore {
             if let Some(tombstone) = self.finished.get(txn_id.as_bytes()).map_err(io)?
                 && decode::<TombstoneRecord>(&tombstone, "tombstone")?.finished_as == 1
             {
-                return self.durability.journal.append(&[], true)?.wait().await;
+                return self
+                    .durability
+                    .journal
+                    .append(&[], Force::Soon)?
+                    .wait()
+                    .await;
             }
             return Err(StoreError::Io(format!(
                 "prepared record of {txn_id} is missing"
@@ -588,9 +593,16 @@ impl ResourceManager for SledStore {
         if drop_writes_for_test() {
             record.writes.clear();
         }
-        self.apply_prepared(txn_id, &record).await?;
-        crash_point!("participant::commit::applied");
+        let durable = self.apply_prepared(txn_id, &record)?;
+        // The locks go before the Committed record is durable: the decision is COMMIT
+        // for good, and a branch that prepares on these keys next is journaled after this
+        // record, so its YES (which waits for its own record) makes this one durable too.
+        // If a crash loses this record, the Prepared one brings this branch back with its
+        // locks, and no later branch on these keys had voted.
         self.unlock(txn_id, &record.lock_keys);
+        // Durable before the acknowledgement: the coordinator forgets the branch after it.
+        durable.wait().await?;
+        crash_point!("participant::commit::applied");
         Ok(())
     }
 
@@ -612,7 +624,7 @@ impl ResourceManager for SledStore {
         if let Some(record) = record {
             self.journal(
                 &Entry::Decided(txn_id, FinishedAs::Aborted),
-                false,
+                Force::No,
                 |prepared| {
                     prepared.remove(&txn_id);
                 },
@@ -783,14 +795,8 @@ impl ResourceManager for SledStore {
 
     fn stats(&self) -> crate::store::StoreStats {
         crate::store::StoreStats {
-            flushes: self
-                .flush_stats()
-                .flushes
-                .load(Ordering::Relaxed),
-            flush_waiters: self
-                .flush_stats()
-                .waiters
-                .load(Ordering::Relaxed),
+            flushes: self.flush_stats().flushes.load(Ordering::Relaxed),
+            flush_waiters: self.flush_stats().waiters.load(Ordering::Relaxed),
         }
     }
 
