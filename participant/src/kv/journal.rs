@@ -57,6 +57,12 @@ const KIND_COMMITTED: u32 = 2;
 const KIND_ABORTED: u32 = 3;
 const KIND_SNAPSHOT: u32 = 4;
 
+/// The largest prepared branch the journal takes (its encoded record); a branch over it
+/// votes NO. Half the frame limit, so any record fits a frame.
+pub(super) const MAX_RECORD_BYTES: usize = frame::MAX_FRAME_LEN / 2;
+/// A snapshot is split into frames of about this size (each holds whole branches).
+const SNAPSHOT_FRAME_BYTES: usize = 4 << 20;
+
 #[derive(Clone, PartialEq, prost::Message)]
 struct JournalRecord {
     #[prost(uint32, tag = "1")]
@@ -67,6 +73,10 @@ struct JournalRecord {
     prepared: Option<PreparedRecord>,
     #[prost(message, repeated, tag = "4")]
     snapshot: Vec<SnapshotEntry>,
+    /// In a snapshot frame: the snapshot's last frame. A snapshot whose last frame is
+    /// missing was never durable as a whole (and the segments before it were kept).
+    #[prost(bool, tag = "5")]
+    snapshot_complete: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -88,67 +98,104 @@ pub(super) enum Entry {
     Snapshot(Vec<(TxnId, PreparedRecord)>),
 }
 
+/// A frame as read back: an entry, or one frame of a snapshot.
+enum Decoded {
+    Entry(Entry),
+    SnapshotPart {
+        branches: Vec<(TxnId, PreparedRecord)>,
+        complete: bool,
+    },
+}
+
+fn push_frame(record: &JournalRecord, out: &mut Vec<u8>) {
+    frame::encode_frame(&record.encode_to_vec(), out);
+}
+
 impl Entry {
-    /// One frame holding this entry.
+    /// The frames holding this entry: one, or for a snapshot as many as its size needs.
+    /// A Prepared record is at most [`MAX_RECORD_BYTES`] (the store checks before).
     pub(super) fn encode(&self) -> Vec<u8> {
-        let record = match self {
-            Entry::Prepared(txn_id, record) => JournalRecord {
-                kind: KIND_PREPARED,
-                txn_id: txn_id.as_bytes().to_vec(),
-                prepared: Some(record.clone()),
-                snapshot: Vec::new(),
-            },
-            Entry::Decided(txn_id, finished_as) => JournalRecord {
-                kind: match finished_as {
-                    FinishedAs::Committed => KIND_COMMITTED,
-                    _ => KIND_ABORTED,
+        let mut out = Vec::new();
+        match self {
+            Entry::Prepared(txn_id, record) => push_frame(
+                &JournalRecord {
+                    kind: KIND_PREPARED,
+                    txn_id: txn_id.as_bytes().to_vec(),
+                    prepared: Some(record.clone()),
+                    ..JournalRecord::default()
                 },
-                txn_id: txn_id.as_bytes().to_vec(),
-                prepared: None,
-                snapshot: Vec::new(),
-            },
-            Entry::Snapshot(branches) => JournalRecord {
-                kind: KIND_SNAPSHOT,
-                txn_id: Vec::new(),
-                prepared: None,
-                snapshot: branches
-                    .iter()
-                    .map(|(txn_id, record)| SnapshotEntry {
+                &mut out,
+            ),
+            Entry::Decided(txn_id, finished_as) => push_frame(
+                &JournalRecord {
+                    kind: match finished_as {
+                        FinishedAs::Committed => KIND_COMMITTED,
+                        _ => KIND_ABORTED,
+                    },
+                    txn_id: txn_id.as_bytes().to_vec(),
+                    ..JournalRecord::default()
+                },
+                &mut out,
+            ),
+            Entry::Snapshot(branches) => {
+                let mut part = JournalRecord {
+                    kind: KIND_SNAPSHOT,
+                    ..JournalRecord::default()
+                };
+                for (txn_id, record) in branches {
+                    let entry = SnapshotEntry {
                         txn_id: txn_id.as_bytes().to_vec(),
                         record: Some(record.clone()),
-                    })
-                    .collect(),
-            },
-        };
-        let mut out = Vec::with_capacity(frame::FRAME_HEADER_LEN + record.encoded_len());
-        frame::encode_frame(&record.encode_to_vec(), &mut out);
+                    };
+                    if !part.snapshot.is_empty()
+                        && part.encoded_len() + entry.encoded_len() > SNAPSHOT_FRAME_BYTES
+                    {
+                        push_frame(&part, &mut out);
+                        part.snapshot.clear();
+                    }
+                    part.snapshot.push(entry);
+                }
+                part.snapshot_complete = true;
+                push_frame(&part, &mut out);
+            }
+        }
         out
     }
+}
 
+impl Decoded {
     fn decode(payload: &[u8]) -> Result<Self, String> {
         let record =
             JournalRecord::decode(payload).map_err(|e| format!("undecodable record: {e}"))?;
         let txn = |bytes: &[u8]| TxnId::try_from(bytes).map_err(|e| e.to_string());
         match record.kind {
-            KIND_PREPARED => Ok(Entry::Prepared(
+            KIND_PREPARED => Ok(Decoded::Entry(Entry::Prepared(
                 txn(&record.txn_id)?,
                 record
                     .prepared
                     .ok_or("a prepared record without its branch")?,
-            )),
-            KIND_COMMITTED => Ok(Entry::Decided(txn(&record.txn_id)?, FinishedAs::Committed)),
-            KIND_ABORTED => Ok(Entry::Decided(txn(&record.txn_id)?, FinishedAs::Aborted)),
-            KIND_SNAPSHOT => record
-                .snapshot
-                .into_iter()
-                .map(|entry| {
-                    Ok((
-                        txn(&entry.txn_id)?,
-                        entry.record.ok_or("a snapshot entry without its branch")?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, String>>()
-                .map(Entry::Snapshot),
+            ))),
+            KIND_COMMITTED => Ok(Decoded::Entry(Entry::Decided(
+                txn(&record.txn_id)?,
+                FinishedAs::Committed,
+            ))),
+            KIND_ABORTED => Ok(Decoded::Entry(Entry::Decided(
+                txn(&record.txn_id)?,
+                FinishedAs::Aborted,
+            ))),
+            KIND_SNAPSHOT => Ok(Decoded::SnapshotPart {
+                branches: record
+                    .snapshot
+                    .into_iter()
+                    .map(|entry| {
+                        Ok((
+                            txn(&entry.txn_id)?,
+                            entry.record.ok_or("a snapshot entry without its branch")?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?,
+                complete: record.snapshot_complete,
+            }),
             other => Err(format!("unknown record kind {other}")),
         }
     }
@@ -201,6 +248,7 @@ fn read_segments(dir: &Path) -> Result<(Vec<Entry>, u64), StoreError> {
     };
     let segments = list_segments(dir).map_err(io(dir))?;
     let mut entries = Vec::new();
+    let mut next_seq = segments.last().map_or(1, |(seq, _)| seq + 1);
     for (i, (seq, path)) in segments.iter().enumerate() {
         if i > 0 && *seq != segments[i - 1].0 + 1 {
             return Err(StoreError::Io(format!(
@@ -216,8 +264,10 @@ fn read_segments(dir: &Path) -> Result<(Vec<Entry>, u64), StoreError> {
         let bytes = fs::read(path).map_err(io(path))?;
         if bytes.len() < frame::HEADER_LEN && last {
             // Created, but the crash came before its header was whole: nothing was in it.
+            // Its number is used again, so the sequence stays contiguous.
             fs::remove_file(path).map_err(io(path))?;
             sync_dir(dir).map_err(io(dir))?;
+            next_seq = *seq;
             continue;
         }
         frame::check_header(
@@ -227,8 +277,24 @@ fn read_segments(dir: &Path) -> Result<(Vec<Entry>, u64), StoreError> {
             "a Ratify participant journal segment",
         )
         .map_err(|why| refuse(path, 0, &why))?;
+        // Frames of a snapshot not yet closed by its last frame.
+        let mut snapshot: Option<Vec<(TxnId, PreparedRecord)>> = None;
         let scan = frame::scan_frames(&bytes, |payload| {
-            entries.push(Entry::decode(payload)?);
+            match Decoded::decode(payload)? {
+                Decoded::Entry(entry) => {
+                    if snapshot.is_some() {
+                        return Err("a record inside an unfinished snapshot".into());
+                    }
+                    entries.push(entry);
+                }
+                Decoded::SnapshotPart { branches, complete } => {
+                    let parts = snapshot.get_or_insert_with(Vec::new);
+                    parts.extend(branches);
+                    if complete {
+                        entries.push(Entry::Snapshot(snapshot.take().unwrap_or_default()));
+                    }
+                }
+            }
             Ok(())
         });
         if let Some(damage) = scan.damage {
@@ -242,10 +308,24 @@ fn read_segments(dir: &Path) -> Result<(Vec<Entry>, u64), StoreError> {
                 .open(path)
                 .map_err(io(path))?;
             file.set_len(scan.valid_len as u64).map_err(io(path))?;
-            file.sync_all().map_err(io(path))?;
         }
+        if snapshot.is_some() && !last {
+            return Err(refuse(
+                path,
+                scan.valid_len,
+                "the segment ends inside a snapshot, and a later segment follows",
+            ));
+        }
+        // A snapshot cut short at the tail was never durable as a whole, so the segments
+        // before it are still here: it is ignored. What was read is made durable before
+        // anything new is written: the crash may have left it in the page cache only,
+        // and a later power loss must not turn it into damage before the tail.
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|file| file.sync_all())
+            .map_err(io(path))?;
     }
-    let next_seq = segments.last().map_or(1, |(seq, _)| seq + 1);
     Ok((entries, next_seq))
 }
 
@@ -392,6 +472,7 @@ impl Journal {
         if let Some(failure) = &queue.failed {
             return Err(StoreError::Fatal(failure.clone()));
         }
+        let was_empty = queue.items.is_empty() && queue.waiters.is_empty();
         if new_segment {
             let seq = queue.next_seq;
             queue.items.push(Item::NewSegment(seq));
@@ -409,7 +490,14 @@ impl Journal {
         }
         let seq = queue.next_seq - 1;
         let wake = match force {
-            Force::No => return Ok((seq, Durable(None))),
+            Force::No => {
+                // The first record of an idle queue starts the writer's linger clock.
+                if was_empty {
+                    drop(queue);
+                    self.shared.wake.notify_one();
+                }
+                return Ok((seq, Durable(None)));
+            }
             Force::Soon => queue.soon_since.is_none() && !queue.forced,
             Force::Now => !queue.forced,
         };
@@ -446,7 +534,11 @@ impl Journal {
         let fail = |e: std::io::Error| StoreError::Fatal(format!("{}: {e}", dir.display()));
         for (old, path) in list_segments(dir).map_err(fail)? {
             if old < seq {
-                fs::remove_file(&path).map_err(fail)?;
+                // A concurrent checkpoint may have removed it already.
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+                    _ => {}
+                }
             }
         }
         sync_dir(dir).map_err(fail)
@@ -686,5 +778,75 @@ mod tests {
         drop(journal);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, vec![entry]);
+    }
+
+    fn big_record(n: u8, bytes: usize) -> PreparedRecord {
+        let mut record = record(n);
+        record.writes.push(super::super::StoredWrite {
+            key: vec![n],
+            value: Some(vec![n; bytes]),
+            version: 1,
+        });
+        record
+    }
+
+    #[test]
+    fn a_large_snapshot_spans_frames_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let branches: Vec<(TxnId, PreparedRecord)> = (0..7)
+            .map(|i| (TxnId::generate(), big_record(i, 3 << 20)))
+            .collect();
+        let snapshot = Entry::Snapshot(branches);
+        let frames = snapshot.encode();
+        assert!(
+            frames.len() > frame::MAX_FRAME_LEN,
+            "larger than one frame may be"
+        );
+        let (seq, durable) = journal.start_segment(&snapshot).unwrap();
+        durable.wait_blocking().unwrap();
+        journal.remove_segments_before(seq).unwrap();
+        drop(journal);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, vec![snapshot]);
+    }
+
+    #[test]
+    fn a_snapshot_cut_short_at_the_tail_is_ignored_and_what_came_before_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = write(dir.path(), 2);
+        let snapshot = Entry::Snapshot(
+            (0..3)
+                .map(|i| (TxnId::generate(), big_record(i, 3 << 20)))
+                .collect(),
+        );
+        // The crash: the snapshot's first frame reached the disk, its last did not.
+        let path = segment_path(dir.path(), 2);
+        let mut bytes = frame::segment_header(MAGIC, FORMAT).to_vec();
+        let frames = snapshot.encode();
+        let first_len = u32::from_le_bytes(frames[..4].try_into().unwrap()) as usize;
+        bytes.extend_from_slice(&frames[..frame::FRAME_HEADER_LEN + first_len]);
+        fs::write(&path, &bytes).unwrap();
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, kept);
+    }
+
+    #[test]
+    fn an_empty_last_segment_is_removed_and_its_number_used_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = write(dir.path(), 2);
+        // A crash inside the creation of segment 2 left it without a header.
+        fs::write(segment_path(dir.path(), 2), b"RATI").unwrap();
+        let (journal, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, entries);
+        drop(journal);
+        let seqs: Vec<u64> = list_segments(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2]);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, entries, "no gap, nothing refused");
     }
 }

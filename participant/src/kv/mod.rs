@@ -137,6 +137,7 @@ struct Durability {
     /// sled was written without a journal record (a NO or read-only tombstone, a
     /// forgotten tombstone) since the last checkpoint: the next one flushes it.
     sled_dirty: AtomicBool,
+    checkpointing: Mutex<()>,
 }
 
 /// The sled key-value store.
@@ -179,6 +180,8 @@ impl Durability {
     /// covers it) or is a prepared branch (so the snapshot, taken under the same lock as
     /// the queueing, covers it).
     fn checkpoint(&self) -> Result<(), StoreError> {
+        // One at a time (the checkpoint thread, recovery and tests may all call this).
+        let _one = lock(&self.checkpointing);
         self.sled_dirty.store(false, Ordering::Relaxed);
         let (seq, snapshot_durable) = {
             let prepared = lock(&self.prepared);
@@ -219,6 +222,7 @@ impl SledStore {
                 journal,
                 flusher: Flusher::start(db.clone()),
                 sled_dirty: AtomicBool::new(false),
+                checkpointing: Mutex::new(()),
             }),
             db,
             locks: Mutex::default(),
@@ -546,6 +550,21 @@ impl ResourceManager for SledStore {
             writes,
             lock_keys: keys.clone(),
         };
+        let size = record.encoded_len();
+        if size > journal::MAX_RECORD_BYTES {
+            self.unlock(meta.txn_id, &keys);
+            self.tombstone(
+                meta.txn_id,
+                TombstoneRecord::new(FinishedAs::Aborted, Some(meta.digest)),
+            )?;
+            return Ok(StoreVote::No {
+                reason: format!(
+                    "the branch's writes take {size} bytes; a participant journals at most {} \
+                     bytes per branch",
+                    journal::MAX_RECORD_BYTES
+                ),
+            });
+        }
         // One record holds the results, the lock set and the metadata: atomic by itself.
         let txn_id = meta.txn_id;
         let durable = match self.journal(
@@ -684,7 +703,19 @@ impl ResourceManager for SledStore {
             let (key, bytes) = item.map_err(io)?;
             let txn_id = TxnId::try_from(key.as_ref())
                 .map_err(|e| StoreError::Io(format!("corrupt prepared key: {e}")))?;
-            prepared.insert(txn_id, decode(&bytes, "prepared")?);
+            let mut record: PreparedRecord = decode(&bytes, "prepared")?;
+            if self.finished.get(txn_id.as_bytes()).map_err(io)?.is_none() {
+                // Writes from builds that did not record versions: fix the version each
+                // installs now, while nothing else can touch the branch's keys (the
+                // branch holds them, and nothing is served before recovery ends), so
+                // replaying the branch later can never install it twice.
+                for write in &mut record.writes {
+                    if write.version == 0 {
+                        write.version = self.get(&write.key)?.version + 1;
+                    }
+                }
+            }
+            prepared.insert(txn_id, record);
             legacy.push(txn_id);
         }
         for entry in replay {
@@ -1094,5 +1125,68 @@ mod tests {
         store.recover().await.unwrap();
         store.commit(txn_id).await.unwrap();
         assert_eq!(value(&store, "a"), (2, Some("legacy".into())));
+    }
+
+    #[tokio::test]
+    async fn a_branch_too_large_to_journal_votes_no_and_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let value = "v".repeat(60 * 1024);
+        let ops: Vec<_> = (0..150).map(|i| put(&format!("k{i}"), &value)).collect();
+        let payload: Bytes = ratify_proto::v1::KvOps { ops }.encode_to_vec().into();
+        let txn_id = TxnId::generate();
+        let meta = BranchMeta {
+            txn_id,
+            epoch: 1,
+            digest: PayloadDigest::of(&payload),
+            incarnation: 0,
+        };
+        match store.prepare(meta, payload).await.unwrap() {
+            StoreVote::No { reason } => assert!(reason.contains("journals at most"), "{reason}"),
+            other => panic!("expected NO, got {other:?}"),
+        }
+        assert!(store.locked_keys(&txn_id).is_empty());
+        assert!(store.prepared_record(&txn_id).is_none());
+    }
+
+    #[tokio::test]
+    async fn branches_written_without_versions_get_them_once_at_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let txn_id = TxnId::generate();
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            seed(&store).await;
+            let record = PreparedRecord {
+                format: RECORD_FORMAT,
+                epoch: 1,
+                digest: 7,
+                incarnation: 0,
+                prepared_at_unix_ms: unix_ms(),
+                writes: vec![StoredWrite {
+                    key: b"a".to_vec(),
+                    value: Some(b"legacy".to_vec()),
+                    version: 0,
+                }],
+                lock_keys: vec![b"a".to_vec()],
+            };
+            store
+                .legacy_prepared
+                .insert(txn_id.as_bytes(), record.encode_to_vec())
+                .unwrap();
+        }
+        {
+            let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+            store.recover().await.unwrap();
+            assert_eq!(record(&store, txn_id).writes[0].version, 2);
+            store.commit(txn_id).await.unwrap();
+            let next = prepared(&store, vec![put("a", "next")]).await;
+            store.commit(next).await.unwrap();
+            assert_eq!(value(&store, "a"), (3, Some("next".into())));
+        }
+        // Replaying the legacy branch's commit after a crash must not install it over
+        // the newer value.
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        store.recover().await.unwrap();
+        assert_eq!(value(&store, "a"), (3, Some("next".into())));
     }
 }
