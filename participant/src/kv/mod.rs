@@ -1189,4 +1189,51 @@ mod tests {
         store.recover().await.unwrap();
         assert_eq!(value(&store, "a"), (3, Some("next".into())));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_racing_prepares_commits_and_aborts_keep_every_prepared_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut still_prepared = Vec::new();
+        {
+            let store = Arc::new(SledStore::open(dir.path(), KvLimits::default()).unwrap());
+            store.recover().await.unwrap();
+            let durability = store.durability.clone();
+            let checkpoints = tokio::task::spawn_blocking(move || {
+                for _ in 0..40 {
+                    durability.checkpoint().unwrap();
+                }
+            });
+            let mut branches = Vec::new();
+            for i in 0..240 {
+                let store = store.clone();
+                branches.push(tokio::spawn(async move {
+                    let txn_id = prepared(&store, vec![put(&format!("k{i}"), "v")]).await;
+                    match i % 3 {
+                        0 => store.commit(txn_id).await.unwrap(),
+                        1 => store.abort(txn_id).await.unwrap(),
+                        _ => return Some(txn_id),
+                    }
+                    None
+                }));
+            }
+            for branch in branches {
+                still_prepared.extend(branch.await.unwrap());
+            }
+            checkpoints.await.unwrap();
+        }
+        let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let recovered = store.recover().await.unwrap();
+        let mut found: Vec<TxnId> = recovered.prepared.iter().map(|b| b.meta.txn_id).collect();
+        found.sort();
+        still_prepared.sort();
+        assert_eq!(found, still_prepared, "the prepared set after the restart");
+        for i in 0..240 {
+            let expected = if i % 3 == 0 {
+                (1, Some("v".into()))
+            } else {
+                (0, None)
+            };
+            assert_eq!(value(&store, &format!("k{i}")), expected, "key k{i}");
+        }
+    }
 }
