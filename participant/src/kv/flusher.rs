@@ -5,20 +5,12 @@
 //! flush goes through here, off the async threads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
 use crate::store::StoreError;
-
-/// Counters of a group commit (for metrics and the bench): fdatasyncs, and the records
-/// that waited for one.
-#[derive(Debug, Default)]
-pub struct FlushStats {
-    pub flushes: AtomicU64,
-    pub waiters: AtomicU64,
-}
 
 #[derive(Debug)]
 pub struct Flusher {

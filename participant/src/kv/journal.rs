@@ -18,7 +18,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -28,8 +28,15 @@ use ratify_proto::frame;
 use tokio::sync::oneshot;
 
 use super::PreparedRecord;
-use super::flusher::FlushStats;
 use crate::store::{FinishedAs, StoreError};
+
+/// The journal's group-commit counters (for metrics and the bench): fdatasync batches,
+/// and the records that waited for one.
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub flushes: AtomicU64,
+    pub waiters: AtomicU64,
+}
 
 const MAGIC: &[u8; 8] = b"RATIFYPJ";
 const FORMAT: u32 = 1;
@@ -368,7 +375,7 @@ struct Shared {
     wake: Condvar,
     /// Anything appended since the last checkpoint started.
     dirty: AtomicBool,
-    stats: Arc<FlushStats>,
+    stats: FlushStats,
 }
 
 fn lock(queue: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
@@ -434,7 +441,7 @@ impl Journal {
             }),
             wake: Condvar::new(),
             dirty: AtomicBool::new(false),
-            stats: Arc::new(FlushStats::default()),
+            stats: FlushStats::default(),
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -748,6 +755,18 @@ mod tests {
         assert!(error.contains("missing segment 2"), "{error}");
     }
 
+    /// Starts a segment with `snapshot`, removes the older ones, reopens, and checks that
+    /// the snapshot is all that is left.
+    fn checkpoint_reopen_and_find_only(journal: Journal, snapshot: &Entry, dir: &Path) {
+        let (seq, durable) = journal.start_segment(snapshot).unwrap();
+        assert!(!journal.dirty());
+        durable.wait_blocking().unwrap();
+        journal.remove_segments_before(seq).unwrap();
+        drop(journal);
+        let (_, replay) = Journal::open(dir).unwrap();
+        assert_eq!(replay, vec![snapshot.clone()]);
+    }
+
     #[test]
     fn a_new_segment_starts_with_its_snapshot_and_the_old_ones_can_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -755,13 +774,7 @@ mod tests {
         let old = Entry::Prepared(TxnId::generate(), record(1));
         journal.append(&old.encode(), Force::No).unwrap();
         let snapshot = Entry::Snapshot(vec![(TxnId::generate(), record(2))]);
-        let (seq, durable) = journal.start_segment(&snapshot).unwrap();
-        assert!(!journal.dirty());
-        durable.wait_blocking().unwrap();
-        journal.remove_segments_before(seq).unwrap();
-        drop(journal);
-        let (_, replay) = Journal::open(dir.path()).unwrap();
-        assert_eq!(replay, vec![snapshot]);
+        checkpoint_reopen_and_find_only(journal, &snapshot, dir.path());
     }
 
     #[test]
@@ -803,12 +816,7 @@ mod tests {
             frames.len() > frame::MAX_FRAME_LEN,
             "larger than one frame may be"
         );
-        let (seq, durable) = journal.start_segment(&snapshot).unwrap();
-        durable.wait_blocking().unwrap();
-        journal.remove_segments_before(seq).unwrap();
-        drop(journal);
-        let (_, replay) = Journal::open(dir.path()).unwrap();
-        assert_eq!(replay, vec![snapshot]);
+        checkpoint_reopen_and_find_only(journal, &snapshot, dir.path());
     }
 
     #[test]

@@ -46,8 +46,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 pub use self::eval::Versioned;
 use self::eval::{Rejection, show_key};
-pub use self::flusher::FlushStats;
 use self::flusher::Flusher;
+pub use self::journal::FlushStats;
 use self::journal::{Entry, Force, Journal};
 pub use self::staging::{KvLimits, Staging};
 use crate::runtime::unix_ms;
@@ -1088,6 +1088,28 @@ mod tests {
         assert_eq!(value(&store, "kept"), (1, Some("x".into())));
     }
 
+    /// What an older store left: a prepared branch (putting "legacy" at `a`, with no
+    /// version recorded) in sled's `prepared` tree.
+    fn plant_legacy_branch(store: &SledStore, txn_id: TxnId) {
+        let record = PreparedRecord {
+            format: RECORD_FORMAT,
+            epoch: 1,
+            digest: 7,
+            incarnation: 0,
+            prepared_at_unix_ms: unix_ms(),
+            writes: vec![StoredWrite {
+                key: b"a".to_vec(),
+                value: Some(b"legacy".to_vec()),
+                version: 0,
+            }],
+            lock_keys: vec![b"a".to_vec()],
+        };
+        store
+            .legacy_prepared
+            .insert(txn_id.as_bytes(), record.encode_to_vec())
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn branches_prepared_before_the_journal_existed_are_recovered_and_moved() {
         let dir = tempfile::tempdir().unwrap();
@@ -1095,24 +1117,7 @@ mod tests {
         {
             let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
             seed(&store).await;
-            // An older store kept prepared branches in sled's `prepared` tree.
-            let record = PreparedRecord {
-                format: RECORD_FORMAT,
-                epoch: 1,
-                digest: 7,
-                incarnation: 0,
-                prepared_at_unix_ms: unix_ms(),
-                writes: vec![StoredWrite {
-                    key: b"a".to_vec(),
-                    value: Some(b"legacy".to_vec()),
-                    version: 0,
-                }],
-                lock_keys: vec![b"a".to_vec()],
-            };
-            store
-                .legacy_prepared
-                .insert(txn_id.as_bytes(), record.encode_to_vec())
-                .unwrap();
+            plant_legacy_branch(&store, txn_id);
         }
         for _ in 0..2 {
             let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
@@ -1156,23 +1161,7 @@ mod tests {
         {
             let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
             seed(&store).await;
-            let record = PreparedRecord {
-                format: RECORD_FORMAT,
-                epoch: 1,
-                digest: 7,
-                incarnation: 0,
-                prepared_at_unix_ms: unix_ms(),
-                writes: vec![StoredWrite {
-                    key: b"a".to_vec(),
-                    value: Some(b"legacy".to_vec()),
-                    version: 0,
-                }],
-                lock_keys: vec![b"a".to_vec()],
-            };
-            store
-                .legacy_prepared
-                .insert(txn_id.as_bytes(), record.encode_to_vec())
-                .unwrap();
+            plant_legacy_branch(&store, txn_id);
         }
         {
             let store = SledStore::open(dir.path(), KvLimits::default()).unwrap();
