@@ -195,6 +195,7 @@ impl Args {
                     .segment_bytes
                     .or(file.segment_bytes)
                     .unwrap_or(WalOptions::default().segment_bytes),
+                ..WalOptions::default()
             },
         })
     }

@@ -124,6 +124,70 @@ fn concurrent_appends_share_fsyncs() {
     assert_eq!(replay(dir.path()).unwrap().len(), 800);
 }
 
+fn end(n: u64) -> LogRecord {
+    LogRecord::End {
+        txn: decision(n).txn(),
+    }
+}
+
+#[test]
+fn unforced_records_ride_with_the_next_forced_write() {
+    let dir = tempfile::tempdir().unwrap();
+    // A linger no test run reaches: only a forced append can carry the END out.
+    let wal = Wal::open(
+        dir.path(),
+        WalOptions {
+            unforced_linger: std::time::Duration::from_secs(3600),
+            ..WalOptions::default()
+        },
+    )
+    .unwrap();
+    block_on(wal.append(vec![decision(1)])).unwrap();
+    wal.append_unforced(vec![end(1)]).unwrap();
+    block_on(wal.append(vec![decision(2)])).unwrap();
+    let stats = wal.stats();
+    assert_eq!(
+        (stats.records, stats.batches, stats.fsyncs),
+        (3, 2, 2),
+        "the END shares the second decision's write and fdatasync: {stats:?}"
+    );
+    wal.append_unforced(vec![end(2)]).unwrap();
+    // Closing writes what is still held.
+    drop(wal);
+    assert_eq!(
+        replay(dir.path()).unwrap(),
+        vec![decision(1), end(1), decision(2), end(2)]
+    );
+}
+
+#[test]
+fn an_unforced_record_alone_is_written_and_synced_once_its_linger_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(
+        dir.path(),
+        WalOptions {
+            unforced_linger: std::time::Duration::from_millis(5),
+            ..WalOptions::default()
+        },
+    )
+    .unwrap();
+    block_on(wal.append(vec![decision(1)])).unwrap();
+    wal.append_unforced(vec![end(1)]).unwrap();
+    // No forced append follows; the writer must still get the END out on its own.
+    let mut waited = 0;
+    while wal.stats().records < 2 {
+        assert!(
+            waited < 30_000,
+            "the END was never written: {:?}",
+            wal.stats()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    let stats = wal.stats();
+    assert_eq!((stats.batches, stats.fsyncs), (2, 2), "{stats:?}");
+}
+
 #[test]
 fn truncating_the_last_record_at_every_offset_recovers_the_exact_prefix() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,6 +272,7 @@ fn a_missing_segment_refuses_to_start_and_checkpoints_keep_unfinished_transactio
     let dir = tempfile::tempdir().unwrap();
     let options = WalOptions {
         segment_bytes: 1024,
+        ..WalOptions::default()
     };
     let wal = Wal::open(dir.path(), options.clone()).unwrap();
     // Record 0 never ends: its segment must survive every checkpoint.

@@ -171,8 +171,8 @@ pub trait DecisionLog: Send + Sync + 'static {
     fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<(), LogError>> + Send;
 
     /// Appends without waiting: the records are ordered before any later append and are
-    /// made durable with their batch, but nobody waits for that. For records whose loss is
-    /// safe (presumed abort).
+    /// made durable with the next forced batch (or on their own after a short linger),
+    /// but nobody waits for that. For records whose loss is safe (presumed abort).
     fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError>;
 
     /// The records recovered when the log was opened, oldest first (taken once).
