@@ -50,6 +50,11 @@ pub struct BenchArgs {
     /// Run concurrency 1, 4, 16, 64 and 256 and print a table.
     #[arg(long)]
     pub sweep: bool,
+    /// Measure each concurrency this many times (workload and echo ceiling each time)
+    /// and report the run with the median ratio, beside the range over all runs: on a
+    /// shared machine one run's ratio can move by 15%.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=25))]
+    pub runs: u32,
     /// With --sweep: write a throughput/latency plot (SVG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -520,6 +525,26 @@ async fn measure(
     }))
 }
 
+/// The run with the median ratio, with the range of the noisiest figures over all runs
+/// (`<field>_min`, `<field>_max`) and the number of runs.
+fn median_run(mut runs: Vec<Value>) -> Value {
+    let value = |run: &Value, field: &str| run[field].as_f64().unwrap_or(0.0);
+    runs.sort_by(|a, b| value(a, "ratio").total_cmp(&value(b, "ratio")));
+    let mut row = runs[(runs.len() - 1) / 2].clone();
+    for field in ["ratio", "committed_per_s", "p50_over_model", "p99_ms"] {
+        let (min, max) = runs
+            .iter()
+            .map(|r| value(r, field))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        row[format!("{field}_min")] = json!(min);
+        row[format!("{field}_max")] = json!(max);
+    }
+    row["runs"] = json!(runs.len());
+    row
+}
+
 /// Begins `n` transactions and holds them: the coordinator's resident memory per
 /// transaction in flight.
 async fn memory_probe(target: &Target, n: u32) -> CliResult<(u64, f64)> {
@@ -703,7 +728,11 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
             "running {c} clients for {:.1}s ...",
             args.duration.as_secs_f64()
         );
-        rows.push(measure(&target, &args, &echo.endpoint(), c, fsync).await?);
+        let mut runs = Vec::new();
+        for _ in 0..args.runs {
+            runs.push(measure(&target, &args, &echo.endpoint(), c, fsync).await?);
+        }
+        rows.push(median_run(runs));
     }
     let (rss_probe, bytes_per_txn) = if args.memory_probe > 0 && !target.pids.is_empty() {
         memory_probe(&target, args.memory_probe).await?
@@ -718,6 +747,16 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         .into();
 
     let fmt = |v: &Value, k: &str, d: usize| format!("{:.*}", d, v[k].as_f64().unwrap_or(0.0));
+    // With --runs > 1: the median run's figure and the range over all runs.
+    let with_range = |v: &Value, k: &str, d: usize| {
+        let (lo, hi) = (&v[format!("{k}_min")], &v[format!("{k}_max")]);
+        match (lo.as_f64(), hi.as_f64()) {
+            (Some(lo), Some(hi)) if v["runs"].as_u64().unwrap_or(1) > 1 => {
+                format!("{} [{lo:.d$}–{hi:.d$}]", fmt(v, k, d))
+            }
+            _ => fmt(v, k, d),
+        }
+    };
     let headers = [
         "clients",
         "committed/s",
@@ -744,16 +783,16 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
                 fmt(r, "committed_per_s", 0),
                 fmt(r, "aborted_per_s", 0),
                 fmt(r, "p50_ms", 2),
-                fmt(r, "p99_ms", 2),
+                with_range(r, "p99_ms", 2),
                 fmt(r, "p999_ms", 2),
                 fmt(r, "rpcs_per_txn", 2),
                 fmt(r, "wire_rpcs_per_txn", 2),
                 fmt(r, "echo_rpc_per_s", 0),
-                fmt(r, "ratio", 2),
+                with_range(r, "ratio", 2),
                 fmt(r, "wire_ratio", 2),
                 format!(
-                    "{:.2} ({:.2} ms)",
-                    r["p50_over_model"].as_f64().unwrap_or(0.0),
+                    "{} ({:.2} ms)",
+                    with_range(r, "p50_over_model", 2),
                     r["model_p50_ms"].as_f64().unwrap_or(0.0)
                 ),
                 fmt(r, "coordinator_batch_records", 1),
@@ -776,6 +815,12 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         rss_probe / (1 << 20),
         bytes_per_txn
     );
+    if args.runs > 1 {
+        println!(
+            "each row is the run with the median ratio of {} runs; [min–max] over all of them",
+            args.runs
+        );
+    }
     if let Some(path) = &args.plot {
         std::fs::write(path, svg_plot(&rows))
             .map_err(|e| CliError::new(exit::ERROR, format!("writing {}: {e}", path.display())))?;
@@ -797,4 +842,29 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         s.stop();
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_run_is_reported_with_the_range_of_all_runs() {
+        let run = |ratio: f64, p99: f64| json!({"ratio": ratio, "p99_ms": p99, "committed_per_s": 1.0, "p50_over_model": 2.0});
+        let row = median_run(vec![run(0.9, 10.0), run(0.5, 30.0), run(0.7, 20.0)]);
+        assert_eq!(row["ratio"], 0.7);
+        assert_eq!(row["p99_ms"], 20.0, "the figures of one run, not a mix");
+        assert_eq!(
+            (row["ratio_min"].as_f64(), row["ratio_max"].as_f64()),
+            (Some(0.5), Some(0.9))
+        );
+        assert_eq!(
+            (row["p99_ms_min"].as_f64(), row["p99_ms_max"].as_f64()),
+            (Some(10.0), Some(30.0))
+        );
+        assert_eq!(row["runs"], 3);
+        // An even count reports the lower of the two middle runs.
+        let row = median_run(vec![run(0.9, 10.0), run(0.5, 30.0)]);
+        assert_eq!(row["ratio"], 0.5);
+    }
 }

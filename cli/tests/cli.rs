@@ -414,6 +414,8 @@ fn bench_reports_every_figure_beside_its_ceilings() {
             "4",
             "--memory-probe",
             "200",
+            "--runs",
+            "2",
             "--json",
             "--exe",
             RATIFY,
@@ -448,5 +450,11 @@ fn bench_reports_every_figure_beside_its_ceilings() {
         assert!(last[field].is_number(), "{field} missing in {last}");
     }
     assert!(last["committed_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(last["runs"], 2);
+    let ratio = |field: &str| last[field].as_f64().unwrap();
+    assert!(
+        ratio("ratio_min") <= ratio("ratio") && ratio("ratio") <= ratio("ratio_max"),
+        "{last}"
+    );
     assert!(last["peak_rss_bytes"]["coordinator"].as_u64().unwrap() > 0);
 }
