@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use prost::Message;
 use ratify_proto::v1;
+use ratify_proto::v1::coordinator_client::CoordinatorClient;
 use serde_json::{Value, json};
 
 use crate::client::{self, CliError, CliResult, exit};
@@ -545,8 +547,70 @@ fn median_run(mut runs: Vec<Value>) -> Value {
     row
 }
 
-/// Begins `n` transactions and holds them: the coordinator's resident memory per
-/// transaction in flight.
+/// Begins `n` transactions over 32 callers and returns them still in flight.
+async fn begin_many(
+    channel: &tonic::transport::Channel,
+    n: u32,
+) -> CliResult<Vec<(CoordinatorClient<tonic::transport::Channel>, Vec<Bytes>)>> {
+    let per_task = n.div_ceil(32);
+    let mut tasks = Vec::new();
+    for t in 0..32u32 {
+        let mut c = CoordinatorClient::new(channel.clone());
+        let count = per_task.min(n.saturating_sub(t * per_task));
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(count as usize);
+            for _ in 0..count {
+                let begun = c
+                    .begin(v1::BeginRequest {
+                        timeout_ms: 600_000,
+                    })
+                    .await?;
+                ids.push(begun.into_inner().txn_id);
+            }
+            Ok::<_, tonic::Status>((c, ids))
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.push(
+            t.await
+                .map_err(|e| CliError::new(exit::ERROR, e.to_string()))?
+                .map_err(|e| CliError::new(exit::ERROR, format!("memory probe: {e}")))?,
+        );
+    }
+    Ok(held)
+}
+
+/// Aborts what [`begin_many`] began.
+async fn abort_all(
+    held: Vec<(CoordinatorClient<tonic::transport::Channel>, Vec<Bytes>)>,
+) -> CliResult<()> {
+    let mut aborts = Vec::new();
+    for (mut c, ids) in held {
+        aborts.push(tokio::spawn(async move {
+            for txn_id in ids {
+                c.abort(v1::AbortTxnRequest {
+                    txn_id,
+                    reason: "bench memory probe".into(),
+                })
+                .await?;
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    for a in aborts {
+        a.await
+            .map_err(|e| CliError::new(exit::ERROR, e.to_string()))?
+            .map_err(|e| CliError::new(exit::ERROR, format!("memory probe: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The coordinator's resident memory with `n` transactions in flight, and its growth per
+/// transaction. Runs before any workload, after a warm-up round (a tenth of `n` begun
+/// and aborted) has touched the threads and allocator arenas the first transactions
+/// would otherwise be charged for; the transactions are aborted afterwards, out of the
+/// workload's way.
 async fn memory_probe(target: &Target, n: u32) -> CliResult<(u64, f64)> {
     let Some((_, pid)) = target
         .pids
@@ -556,29 +620,12 @@ async fn memory_probe(target: &Target, n: u32) -> CliResult<(u64, f64)> {
     else {
         return Ok((0, 0.0));
     };
-    let before = memory(pid, "VmRSS");
     let channel = client::channel(&target.coordinator).await?;
-    let per_task = n.div_ceil(32);
-    let mut tasks = Vec::new();
-    for t in 0..32u32 {
-        let channel = channel.clone();
-        let count = per_task.min(n.saturating_sub(t * per_task));
-        tasks.push(tokio::spawn(async move {
-            let mut c = v1::coordinator_client::CoordinatorClient::new(channel);
-            for _ in 0..count {
-                c.begin(v1::BeginRequest {
-                    timeout_ms: 600_000,
-                })
-                .await?;
-            }
-            Ok::<_, tonic::Status>(())
-        }));
-    }
-    for t in tasks {
-        t.await
-            .map_err(|e| CliError::new(exit::ERROR, e.to_string()))??;
-    }
+    abort_all(begin_many(&channel, (n / 10).max(1)).await?).await?;
+    let before = memory(pid, "VmRSS");
+    let held = begin_many(&channel, n).await?;
     let after = memory(pid, "VmRSS");
+    abort_all(held).await?;
     Ok((
         after,
         after.saturating_sub(before) as f64 / f64::from(n.max(1)),
@@ -717,6 +764,11 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         dir.path().display()
     );
 
+    let (rss_probe, bytes_per_txn) = if args.memory_probe > 0 && !target.pids.is_empty() {
+        memory_probe(&target, args.memory_probe).await?
+    } else {
+        (0, 0.0)
+    };
     let levels: Vec<u32> = if args.sweep {
         vec![1, 4, 16, 64, 256]
     } else {
@@ -734,11 +786,6 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         }
         rows.push(median_run(runs));
     }
-    let (rss_probe, bytes_per_txn) = if args.memory_probe > 0 && !target.pids.is_empty() {
-        memory_probe(&target, args.memory_probe).await?
-    } else {
-        (0, 0.0)
-    };
     let peak_rss: Value = target
         .pids
         .iter()

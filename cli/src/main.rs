@@ -83,10 +83,15 @@ fn main() -> ExitCode {
         Command::Participant(args) => return ratify_participant::daemon::main_with(args),
         _ => {}
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The bench drives load on one thread: it shares the machine with the stack it
+    // measures, so its own footprint stays small, and its echo ceiling and its workload
+    // are measured through the same single-threaded client.
+    let mut builder = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ratify: starting the async runtime: {e}");
