@@ -460,6 +460,54 @@ impl<R: ResourceManager> Runtime<R> {
             .unwrap_or_else(|e| Err((Code::Internal, format!("abort failed: {e}"))))
     }
 
+    /// Handles the prepare entries of one RPC, concurrently, on one task of their own:
+    /// one spawn per batch rather than per entry.
+    pub async fn prepare_batch(
+        self: &Arc<Self>,
+        entries: Vec<(BranchMeta, Bytes)>,
+    ) -> Vec<PrepareAnswer> {
+        let this = self.clone();
+        let count = entries.len();
+        tokio::spawn(async move {
+            futures::future::join_all(
+                entries
+                    .into_iter()
+                    .map(|(meta, payload)| this.prepare_inner(meta, payload)),
+            )
+            .await
+        })
+        .await
+        .unwrap_or_else(|e| {
+            vec![PrepareAnswer::refused(Code::Internal, format!("prepare failed: {e}")); count]
+        })
+    }
+
+    /// Handles the Commit (or Abort) entries of one RPC, concurrently, on one task of
+    /// their own.
+    pub async fn decide_batch(
+        self: &Arc<Self>,
+        entries: Vec<(TxnId, u64)>,
+        commit: bool,
+    ) -> Vec<Result<(), Refused>> {
+        let this = self.clone();
+        let count = entries.len();
+        tokio::spawn(async move {
+            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| {
+                let this = &this;
+                async move {
+                    if commit {
+                        this.commit_inner(txn_id, epoch).await
+                    } else {
+                        this.abort_inner(txn_id, epoch).await
+                    }
+                }
+            }))
+            .await
+        })
+        .await
+        .unwrap_or_else(|e| vec![Err((Code::Internal, format!("decision failed: {e}"))); count])
+    }
+
     /// Handles a one-phase commit.
     pub async fn commit_one_phase(
         self: &Arc<Self>,

@@ -71,19 +71,19 @@ impl<R: ResourceManager> ParticipantService<R> {
         decision: Decision,
     ) -> Result<Vec<v1::AckResult>, Status> {
         let entries = self.decision_entries(branches)?;
-        Ok(
-            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| async move {
-                let result = match decision {
-                    Decision::Commit => self.runtime.commit(txn_id, epoch).await,
-                    Decision::Abort => self.runtime.abort(txn_id, epoch).await,
-                };
-                v1::AckResult {
-                    txn_id: txn_id.to_vec().into(),
-                    error: result.err().map(branch_error),
-                }
-            }))
-            .await,
-        )
+        let txn_ids: Vec<TxnId> = entries.iter().map(|(txn_id, _)| *txn_id).collect();
+        let results = self
+            .runtime
+            .decide_batch(entries, matches!(decision, Decision::Commit))
+            .await;
+        Ok(txn_ids
+            .into_iter()
+            .zip(results)
+            .map(|(txn_id, result)| v1::AckResult {
+                txn_id: txn_id.to_vec().into(),
+                error: result.err().map(branch_error),
+            })
+            .collect())
     }
 
     /// Validates a whole batch of decision entries before acting on any, so a malformed
@@ -118,13 +118,11 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
             };
             entries.push((meta, branch.payload));
         }
-        let answers =
-            futures::future::join_all(entries.into_iter().map(|(meta, payload)| async move {
-                (meta.txn_id, self.runtime.prepare(meta, payload).await)
-            }))
-            .await;
-        let results = answers
+        let txn_ids: Vec<TxnId> = entries.iter().map(|(meta, _)| meta.txn_id).collect();
+        let answers = self.runtime.prepare_batch(entries).await;
+        let results = txn_ids
             .into_iter()
+            .zip(answers)
             .map(|(txn_id, answer)| {
                 let (vote, reason) = match answer.vote {
                     Vote::Yes => (v1::Vote::Yes, String::new()),
