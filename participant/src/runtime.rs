@@ -430,34 +430,26 @@ impl<R: ResourceManager> Runtime<R> {
         .await
     }
 
-    // The four entry points below run their work on a task of its own: a caller that goes
+    // The entry points below run their work on a task of its own: a caller that goes
     // away (an RPC cancelled because the coordinator died) must not stop a store operation
     // halfway, between the store applying a change and the branch table recording it.
 
     /// Handles one prepare entry.
     pub async fn prepare(self: &Arc<Self>, meta: BranchMeta, payload: Bytes) -> PrepareAnswer {
-        let this = self.clone();
-        tokio::spawn(async move { this.prepare_inner(meta, payload).await })
-            .await
-            .unwrap_or_else(|e| {
-                PrepareAnswer::refused(Code::Internal, format!("prepare failed: {e}"))
-            })
+        let mut answers = self.prepare_batch(vec![(meta, payload)]).await;
+        answers.pop().expect("one answer per entry")
     }
 
     /// Handles one commit entry.
     pub async fn commit(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let this = self.clone();
-        tokio::spawn(async move { this.commit_inner(txn_id, epoch).await })
-            .await
-            .unwrap_or_else(|e| Err((Code::Internal, format!("commit failed: {e}"))))
+        let mut results = self.decide_batch(vec![(txn_id, epoch)], true).await;
+        results.pop().expect("one result per entry")
     }
 
     /// Handles one abort entry.
     pub async fn abort(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let this = self.clone();
-        tokio::spawn(async move { this.abort_inner(txn_id, epoch).await })
-            .await
-            .unwrap_or_else(|e| Err((Code::Internal, format!("abort failed: {e}"))))
+        let mut results = self.decide_batch(vec![(txn_id, epoch)], false).await;
+        results.pop().expect("one result per entry")
     }
 
     /// Handles the prepare entries of one RPC, concurrently, on one task of their own:
