@@ -205,13 +205,40 @@ fn decode<M: Message + Default>(bytes: &[u8], what: &str) -> Result<M, StoreErro
 impl SledStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path, limits: KvLimits) -> Result<Self, StoreError> {
-        // No background flushes: checkpoints flush sled, and the journal makes promises
-        // durable in between.
-        let db = sled::Config::new()
-            .path(dir.join("sled"))
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| StoreError::Io(format!("opening sled at {}: {e}", dir.display())))?;
+        // sled's file lock is what keeps two stores off one directory. A store dropped in
+        // this process releases it only once sled's I/O threads let go of the files, a
+        // moment after the drop returns, so a reopen waits that moment out; a lock that
+        // another store keeps holding is reported after `LOCK_WAIT`.
+        const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        let started = std::time::Instant::now();
+        let db = loop {
+            // No background flushes: checkpoints flush sled, and the journal makes
+            // promises durable in between.
+            let opened = sled::Config::new()
+                .path(dir.join("sled"))
+                .flush_every_ms(None)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                // sled reports the lock as an `Other` error with this text.
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if started.elapsed() >= LOCK_WAIT {
+                        return Err(StoreError::Io(format!(
+                            "opening sled at {}: {e} (is another participant using this \
+                             directory?)",
+                            dir.display()
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => {
+                    return Err(StoreError::Io(format!(
+                        "opening sled at {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+        };
         let (journal, replay) = Journal::open(&dir.join("journal"))?;
         Ok(Self {
             data: db.open_tree("data").map_err(io)?,
@@ -1001,6 +1028,21 @@ mod tests {
         assert!(recovered.prepared.is_empty());
         assert_eq!(value(&store, "a"), (1, Some("1".into())), "nothing applied");
         assert!(store.prepared_record(&txn_id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_store_reopens_at_once_after_a_drop_and_a_held_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            let store = SledStore::open(dir.path(), KvLimits::default())
+                .unwrap_or_else(|e| panic!("reopen {i}: {e}"));
+            store.recover().await.unwrap();
+            let txn_id = prepared(&store, vec![put(&format!("k{i}"), "v")]).await;
+            store.commit(txn_id).await.unwrap();
+        }
+        let _held = SledStore::open(dir.path(), KvLimits::default()).unwrap();
+        let error = SledStore::open(dir.path(), KvLimits::default()).unwrap_err();
+        assert!(error.to_string().contains("another participant"), "{error}");
     }
 
     fn segments(dir: &Path) -> usize {
