@@ -63,6 +63,13 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// The coordinator's decision that a Commit or Abort message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+}
+
 /// The answer to one prepare entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrepareAnswer {
@@ -442,13 +449,17 @@ impl<R: ResourceManager> Runtime<R> {
 
     /// Handles one commit entry.
     pub async fn commit(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let mut results = self.decide_batch(vec![(txn_id, epoch)], true).await;
+        let mut results = self
+            .decide_batch(vec![(txn_id, epoch)], Decision::Commit)
+            .await;
         results.pop().expect("one result per entry")
     }
 
     /// Handles one abort entry.
     pub async fn abort(self: &Arc<Self>, txn_id: TxnId, epoch: u64) -> Result<(), Refused> {
-        let mut results = self.decide_batch(vec![(txn_id, epoch)], false).await;
+        let mut results = self
+            .decide_batch(vec![(txn_id, epoch)], Decision::Abort)
+            .await;
         results.pop().expect("one result per entry")
     }
 
@@ -479,7 +490,7 @@ impl<R: ResourceManager> Runtime<R> {
     pub async fn decide_batch(
         self: &Arc<Self>,
         entries: Vec<(TxnId, u64)>,
-        commit: bool,
+        decision: Decision,
     ) -> Vec<Result<(), Refused>> {
         let this = self.clone();
         let count = entries.len();
@@ -487,10 +498,9 @@ impl<R: ResourceManager> Runtime<R> {
             futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| {
                 let this = &this;
                 async move {
-                    if commit {
-                        this.commit_inner(txn_id, epoch).await
-                    } else {
-                        this.abort_inner(txn_id, epoch).await
+                    match decision {
+                        Decision::Commit => this.commit_inner(txn_id, epoch).await,
+                        Decision::Abort => this.abort_inner(txn_id, epoch).await,
                     }
                 }
             }))

@@ -10,7 +10,7 @@ use ratify_proto::v1::participant_server::Participant;
 use tonic::{Request, Response, Status};
 
 use crate::branch::Vote;
-use crate::runtime::{Refused, Runtime};
+use crate::runtime::{Decision, Refused, Runtime};
 use crate::store::{BranchMeta, OnePhaseOutcome, PayloadDigest, ResourceManager};
 
 /// The Participant service over a runtime.
@@ -35,12 +35,6 @@ impl<R> Clone for ParticipantService<R> {
 
 fn txn_id(bytes: &bytes::Bytes) -> Result<TxnId, Status> {
     TxnId::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Decision {
-    Commit,
-    Abort,
 }
 
 fn branch_error(refused: Refused) -> v1::BranchError {
@@ -72,10 +66,7 @@ impl<R: ResourceManager> ParticipantService<R> {
     ) -> Result<Vec<v1::AckResult>, Status> {
         let entries = self.decision_entries(branches)?;
         let txn_ids: Vec<TxnId> = entries.iter().map(|(txn_id, _)| *txn_id).collect();
-        let results = self
-            .runtime
-            .decide_batch(entries, matches!(decision, Decision::Commit))
-            .await;
+        let results = self.runtime.decide_batch(entries, decision).await;
         Ok(txn_ids
             .into_iter()
             .zip(results)
