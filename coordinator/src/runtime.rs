@@ -61,6 +61,9 @@ type Query = Box<dyn FnOnce(&Engine) + Send>;
 enum Command {
     Request(Input, ReqId, oneshot::Sender<Reply>),
     Event(Input),
+    /// Several events at once: the votes or acknowledgements of one batched RPC, the
+    /// records of one forced append.
+    Events(Vec<Input>),
     Query(Query),
 }
 
@@ -194,6 +197,9 @@ struct Driver<L> {
     /// Armed timers by (deadline, arming order).
     timers: std::collections::BTreeMap<(Millis, u64), (TxnId, crate::engine::Timer)>,
     timer_seq: u64,
+    /// Records to force, gathered while the driver works through what is queued and
+    /// appended together when it is done (one append, one task, one event back).
+    to_force: Vec<(LogRecord, Durable)>,
 }
 
 /// Replays the log, recovers unfinished transactions, and starts the driver task.
@@ -231,11 +237,13 @@ pub async fn start<L: DecisionLog>(
         counters: Arc::new(Counters::default()),
         timers: std::collections::BTreeMap::new(),
         timer_seq: 0,
+        to_force: Vec::new(),
     };
     let counters = driver.counters.clone();
     let stats_log = driver.log.clone();
     crash_point!("coordinator::recovery");
     driver.perform(actions);
+    driver.force_gathered();
     info!(
         epoch,
         replayed,
@@ -284,7 +292,45 @@ impl<L: DecisionLog> Driver<L> {
                 }
                 _ = gauges.tick() => self.report_gauges(),
             }
+            self.force_gathered();
         }
+    }
+
+    /// Appends the records gathered by [`Self::perform`] as one forced append. Each
+    /// transaction's Durable input goes back to the engine only once the append returned,
+    /// that is once its record is fsynced (or Raft-committed): a COMMIT decision is
+    /// answered to the client, and sent to participants, only after that.
+    fn force_gathered(&mut self) {
+        if self.to_force.is_empty() {
+            return;
+        }
+        let (records, done): (Vec<LogRecord>, Vec<(TxnId, Durable)>) = self
+            .to_force
+            .drain(..)
+            .map(|(record, what)| {
+                let txn = record.txn();
+                (record, (txn, what))
+            })
+            .unzip();
+        let log = self.log.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            match log.append(records).await {
+                Ok(()) => {
+                    let inputs = done
+                        .into_iter()
+                        .map(|(txn, what)| {
+                            if what == Durable::CommitDecision {
+                                crash_point!("coordinator::decision_durable");
+                            }
+                            Input::Durable { txn, what }
+                        })
+                        .collect();
+                    let _ = events.send(Command::Events(inputs));
+                }
+                Err(e) => fatal(&e.to_string()),
+            }
+        });
     }
 
     /// Feeds every timer that is due. One ordered map instead of a task per timer: a
@@ -307,15 +353,22 @@ impl<L: DecisionLog> Driver<L> {
                 self.pending.insert(req, reply);
                 self.feed(input);
             }
-            Command::Event(input) => {
-                if let Input::Ack { result: Ok(()), .. } = &input {
-                    // Crash point: phase 2 reached one participant (C6).
-                    crash_point!("coordinator::phase2_acknowledged");
+            Command::Event(input) => self.event(input),
+            Command::Events(inputs) => {
+                for input in inputs {
+                    self.event(input);
                 }
-                self.feed(input)
             }
             Command::Query(query) => query(&self.engine),
         }
+    }
+
+    fn event(&mut self, input: Input) {
+        if let Input::Ack { result: Ok(()), .. } = &input {
+            // Crash point: phase 2 reached one participant (C6).
+            crash_point!("coordinator::phase2_acknowledged");
+        }
+        self.feed(input)
     }
 
     fn feed(&mut self, input: Input) {
@@ -469,20 +522,7 @@ impl<L: DecisionLog> Driver<L> {
                         // Crash point: every vote is YES, the decision not yet logged (C3).
                         crash_point!("coordinator::decision_reached");
                     }
-                    let txn = record.txn();
-                    let log = self.log.clone();
-                    let events = self.events.clone();
-                    tokio::spawn(async move {
-                        match log.append(vec![record]).await {
-                            Ok(()) => {
-                                if what == Durable::CommitDecision {
-                                    crash_point!("coordinator::decision_durable");
-                                }
-                                let _ = events.send(Command::Event(Input::Durable { txn, what }));
-                            }
-                            Err(e) => fatal(&e.to_string()),
-                        }
-                    });
+                    self.to_force.push((record, what));
                 }
                 Action::Reply { req, reply } => {
                     if let Some(tx) = self.pending.remove(&req) {
@@ -657,6 +697,7 @@ fn spawn_outbound(
                             votes.insert(txn, vote);
                         }
                     }
+                    let mut inputs = Vec::with_capacity(txns.len());
                     for txn in txns {
                         let vote = votes.remove(&txn).unwrap_or_else(|| VoteResult::Failed {
                             error: match &answer {
@@ -666,12 +707,13 @@ fn spawn_outbound(
                         });
                         // Crash point: a vote is in, maybe not all of them (C2/C3).
                         crash_point!("coordinator::vote_received");
-                        let _ = events.send(Command::Event(Input::Vote {
+                        inputs.push(Input::Vote {
                             txn,
                             participant: participant.clone(),
                             vote,
-                        }));
+                        });
                     }
+                    let _ = events.send(Command::Events(inputs));
                 }
             },
         ));
@@ -744,6 +786,7 @@ fn spawn_outbound(
                             );
                         }
                     }
+                    let mut inputs = Vec::with_capacity(txns.len());
                     for txn in txns {
                         let result = acks.remove(&txn).unwrap_or_else(|| {
                             Err(match &answer {
@@ -751,12 +794,13 @@ fn spawn_outbound(
                                 Ok(_) => "the participant's answer left this branch out".into(),
                             })
                         });
-                        let _ = events.send(Command::Event(Input::Ack {
+                        inputs.push(Input::Ack {
                             txn,
                             participant: participant.clone(),
                             result,
-                        }));
+                        });
                     }
+                    let _ = events.send(Command::Events(inputs));
                 }
             },
         ));
