@@ -472,12 +472,12 @@ impl<R: ResourceManager> Runtime<R> {
         let this = self.clone();
         let count = entries.len();
         tokio::spawn(async move {
-            futures::future::join_all(
+            let all = futures::future::join_all(
                 entries
                     .into_iter()
                     .map(|(meta, payload)| this.prepare_inner(meta, payload)),
-            )
-            .await
+            );
+            with_flush_held(this.store.as_ref(), all).await
         })
         .await
         .unwrap_or_else(|e| {
@@ -731,4 +731,22 @@ pub fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Runs `batch` (one RPC's entries) with the store's next flush held during its first
+/// pass: each entry runs until it waits for its record to be durable, so by the end of
+/// the pass every record is queued and the whole batch shares one fsync. Then the hold
+/// ends and the batch waits as usual.
+async fn with_flush_held<R: ResourceManager, F: std::future::Future>(
+    store: &R,
+    batch: F,
+) -> F::Output {
+    let mut batch = std::pin::pin!(batch);
+    let hold = store.hold_flushes();
+    let first_pass = futures::poll!(batch.as_mut());
+    drop(hold);
+    match first_pass {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => batch.await,
+    }
 }

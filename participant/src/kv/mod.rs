@@ -858,6 +858,10 @@ impl ResourceManager for SledStore {
         }
     }
 
+    fn hold_flushes(&self) -> crate::store::FlushHold {
+        crate::store::FlushHold::new(self.durability.journal.hold())
+    }
+
     async fn forget(&self, txn_ids: Vec<TxnId>) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for txn_id in txn_ids {
