@@ -162,11 +162,12 @@ pub trait ResourceManager: Send + Sync + 'static {
     }
 
     /// Asks the store to hold back its next group-commit flush while the returned guard
-    /// lives. The runtime takes it around its first pass over one RPC's entries, so that
-    /// every entry has queued its record before the flush starts and the batch shares
-    /// one fsync instead of the first entry's record going out alone. A hold only
-    /// delays: a store must bound it (the sled store flushes anyway after 1 ms). None by
-    /// default.
+    /// lives. The runtime takes it around its first pass over one Prepare RPC's
+    /// entries, so that every entry has queued its record before the flush starts and
+    /// the batch shares one fsync instead of the first entry's record going out alone.
+    /// (Not for Commit batches: their records wait for a prepare's flush anyway, and
+    /// holding would delay prepares, which clients wait on.) A hold only delays: a store
+    /// must bound it (the sled store flushes anyway after 10 ms). None by default.
     fn hold_flushes(&self) -> FlushHold {
         FlushHold::none()
     }
