@@ -867,6 +867,9 @@ async fn batch_loop<T, F, Fut>(
         tokio::spawn(async move {
             let mut rpc = std::pin::pin!(rpc);
             tokio::select! {
+                // Biased, so a reply and the stall timer ready on the same tick always
+                // resolve the same way (the simulation replays seeds exactly).
+                biased;
                 () = &mut rpc => {}
                 () = tokio::time::sleep(stalled_after) => {
                     drop(turn);

@@ -296,3 +296,40 @@ async fn a_cancelled_commit_still_completes_and_the_branch_table_agrees() {
     rt.commit(txn, 1).await.unwrap();
     assert_eq!(value(&rt, "c"), (1, Some("7".into())), "applied once");
 }
+
+/// The entries of one Prepare batch share one journal fdatasync: the runtime holds the
+/// journal's next flush while they queue their records. Without the hold the journal
+/// writer wakes on the first record and flushes it alone, before the others are queued.
+/// (Judged over five batches, so that a checkpoint's snapshot flush landing inside one
+/// of them, or the rare batch whose first pass outlasts the hold's limit, does not fail
+/// the test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_entries_of_a_prepare_batch_share_one_journal_flush() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let rt = open(dir.path()).await;
+    let mut batches_with_one_flush = 0;
+    for batch in 0..5u8 {
+        let entries: Vec<(BranchMeta, Bytes)> = (0..16u8)
+            .map(|i| {
+                // Distinct lock stripes (the low two bytes pick the stripe).
+                let mut bytes = *TxnId::generate().as_bytes();
+                bytes[14] = batch;
+                bytes[15] = i;
+                let p = payload(vec![put(&format!("batch-{batch}-{i}"), "1")]);
+                (meta(TxnId::from_bytes(bytes), &p), p)
+            })
+            .collect();
+        let flushes = || rt.store().flush_stats().flushes.load(Ordering::Relaxed);
+        let before = flushes();
+        let answers = rt.prepare_batch(entries).await;
+        assert!(answers.iter().all(|a| a.vote == Vote::Yes), "{answers:?}");
+        if flushes() - before == 1 {
+            batches_with_one_flush += 1;
+        }
+    }
+    assert!(
+        batches_with_one_flush >= 4,
+        "only {batches_with_one_flush} of 5 batches shared one flush"
+    );
+}

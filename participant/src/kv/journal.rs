@@ -369,7 +369,8 @@ struct Queue {
     forced: bool,
     /// When the oldest queued [`Force::Soon`] record was queued.
     soon_since: Option<std::time::Instant>,
-    /// Live [`Journal::hold`]s, and since when the oldest has held.
+    /// Live [`Journal::hold`]s, and since when they have held the next flush back
+    /// (the first hold, or the last flush made while holds lived).
     holds: usize,
     held_since: Option<std::time::Instant>,
     stopping: bool,
@@ -541,8 +542,8 @@ impl Journal {
         Ok((seq, Durable(Some(rx))))
     }
 
-    /// Holds back the next flush until the returned guard is dropped, or at most
-    /// [`HOLD_LIMIT`] after the oldest live hold began: records queued meanwhile share
+    /// Holds back flushes of forced records while the returned guard (or any other
+    /// hold) lives, each flush by at most [`HOLD_LIMIT`]: records queued meanwhile share
     /// that flush.
     pub(super) fn hold(&self) -> Hold {
         let mut queue = lock(&self.shared.queue);
@@ -669,6 +670,11 @@ fn write_loop(shared: &Shared, mut file: File, mut seq: u64) {
             }
             queue.forced = false;
             queue.soon_since = None;
+            if queue.holds > 0 {
+                // Holds outlived this flush (the limit ran out): the next flush gets a
+                // full limit of its own.
+                queue.held_since = Some(std::time::Instant::now());
+            }
             (
                 std::mem::take(&mut queue.items),
                 std::mem::take(&mut queue.waiters),
