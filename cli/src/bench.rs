@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::client::{self, CliError, CliResult, exit};
 use crate::output::table;
 use crate::proc::Proc;
-use crate::stack::{LocalStack, StackConfig, participant_name};
+use crate::stack::{LocalStack, StackConfig, co_located_worker_threads, participant_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// The last line of output is one JSON object with every figure.
     #[arg(long)]
     pub json: bool,
+    /// Async worker threads of each process of the stack the bench starts, and of its
+    /// echo server (default: this machine's cores shared out among the stack's processes,
+    /// at least one each).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// The `ratify` binary to run the stack with (default: this one).
     #[arg(long, hide = true)]
     pub exe: Option<PathBuf>,
@@ -697,6 +702,10 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         Some(e) => e.clone(),
         None => std::env::current_exe().map_err(|e| CliError::new(exit::ERROR, e.to_string()))?,
     };
+    let worker_threads = args.worker_threads.map_or_else(
+        || co_located_worker_threads(usize::from(args.participants) + 1),
+        usize::from,
+    );
     let mut stack = None;
     let target = match &args.target {
         Some(coordinator) => {
@@ -725,6 +734,7 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
                 termination_deadline_ms: 10_000,
                 participant_env: Vec::new(),
                 stores: Vec::new(),
+                worker_threads: Some(worker_threads),
             })
             .map_err(|e| CliError::new(exit::ERROR, e))?;
             s.wait_registered(Duration::from_secs(30))
@@ -750,7 +760,11 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
     let echo = Proc::try_start(
         "echo",
         exe,
-        vec!["echo-server".into()],
+        vec![
+            "echo-server".into(),
+            "--worker-threads".into(),
+            worker_threads.to_string(),
+        ],
         "127.0.0.1:0",
         &[],
         dir.path().join("echo.log"),
@@ -758,7 +772,8 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     let fsync = fsync_ceiling(dir.path(), 1.0);
     eprintln!(
-        "ceilings: fdatasync {:.0}/s (p50 {:.3} ms) in {}",
+        "ceilings: fdatasync {:.0}/s (p50 {:.3} ms) in {}; {worker_threads} worker thread(s) \
+         per server process",
         fsync.0,
         fsync.1,
         dir.path().display()
@@ -784,7 +799,9 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         for _ in 0..args.runs {
             runs.push(measure(&target, &args, &echo.endpoint(), c, fsync).await?);
         }
-        rows.push(median_run(runs));
+        let mut row = median_run(runs);
+        row["worker_threads"] = json!(worker_threads);
+        rows.push(row);
     }
     let peak_rss: Value = target
         .pids

@@ -58,6 +58,9 @@ enum Command {
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Async worker threads (default: one per core), as the coordinator is given.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        worker_threads: Option<u16>,
     },
     /// Run the coordinator daemon (as `ratify-coordinator`).
     #[command(hide = true)]
@@ -86,10 +89,17 @@ fn main() -> ExitCode {
     // The bench drives load on one thread: it shares the machine with the stack it
     // measures, so its own footprint stays small, and its echo ceiling and its workload
     // are measured through the same single-threaded client.
-    let mut builder = if matches!(cli.command, Command::Bench(_)) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
+    let mut builder = match cli.command {
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::EchoServer {
+            worker_threads: Some(n),
+            ..
+        } => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.into());
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
@@ -110,7 +120,7 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
-            Command::EchoServer { listen } => bench::serve_echo(&listen).await,
+            Command::EchoServer { listen, .. } => bench::serve_echo(&listen).await,
             Command::Coordinator(_) | Command::Participant(_) => unreachable!("handled above"),
         }
     });

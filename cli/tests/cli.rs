@@ -23,6 +23,7 @@ fn stack(dir: &std::path::Path) -> LocalStack {
         termination_deadline_ms: 500,
         participant_env: Vec::new(),
         stores: Vec::new(),
+        worker_threads: Some(1),
     })
     .expect("the stack starts")
 }
@@ -416,6 +417,8 @@ fn bench_reports_every_figure_beside_its_ceilings() {
             "200",
             "--runs",
             "2",
+            "--worker-threads",
+            "1",
             "--json",
             "--exe",
             RATIFY,
@@ -451,6 +454,7 @@ fn bench_reports_every_figure_beside_its_ceilings() {
     }
     assert!(last["committed_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(last["runs"], 2);
+    assert_eq!(last["worker_threads"], 1);
     let ratio = |field: &str| last[field].as_f64().unwrap();
     assert!(
         ratio("ratio_min") <= ratio("ratio") && ratio("ratio") <= ratio("ratio_max"),

@@ -73,6 +73,10 @@ pub struct Args {
     /// Start a new WAL segment past this size (bytes).
     #[arg(long, env = "RATIFY_COORDINATOR_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
+    /// Async worker threads (default: one per core). A coordinator sharing its machine
+    /// with other busy processes (a local stack) does better with its share of the cores.
+    #[arg(long, env = "RATIFY_COORDINATOR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,7 +96,11 @@ struct FileConfig {
     retry_initial_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     segment_bytes: Option<u64>,
+    worker_threads: Option<usize>,
 }
+
+/// The most async worker threads a daemon accepts.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// Settings after merging flags, environment, file and defaults.
 #[derive(Debug, Clone)]
@@ -104,6 +112,8 @@ pub struct Settings {
     pub runtime: RuntimeConfig,
     pub limits: Limits,
     pub wal: WalOptions,
+    /// Async worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Args {
@@ -165,6 +175,13 @@ impl Args {
             engine.max_participants > 0,
             "max participants must be positive"
         );
+        let worker_threads = self.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads {
+            anyhow::ensure!(
+                (1..=MAX_WORKER_THREADS).contains(&n),
+                "worker threads must be between 1 and {MAX_WORKER_THREADS} (got {n})"
+            );
+        }
         let prepare_rpc_timeout = Duration::from_millis(engine.prepare_timeout_ms);
         let limits = Limits {
             max_payload_bytes: self
@@ -197,6 +214,7 @@ impl Args {
                     .unwrap_or(WalOptions::default().segment_bytes),
                 ..WalOptions::default()
             },
+            worker_threads,
         })
     }
 }
@@ -307,7 +325,11 @@ pub fn main_with(args: Args) -> std::process::ExitCode {
     let scenario = fail::FailScenario::setup();
     let result = (|| {
         let settings = args.settings()?;
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = settings.worker_threads {
+            builder.worker_threads(n);
+        }
+        builder
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
@@ -319,6 +341,53 @@ pub fn main_with(args: Args) -> std::process::ExitCode {
         Err(error) => {
             eprintln!("ratify-coordinator: {error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+        Args::try_parse_from(std::iter::once("ratify-coordinator").chain(args.iter().copied()))?
+            .settings()
+    }
+
+    #[test]
+    fn worker_threads_come_from_the_flag_or_the_file_and_default_to_one_per_core() {
+        assert_eq!(settings(&[]).unwrap().worker_threads, None);
+        assert_eq!(
+            settings(&["--worker-threads", "3"]).unwrap().worker_threads,
+            Some(3)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator.toml");
+        std::fs::write(&file, "worker_threads = 2\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            settings(&["--config", file]).unwrap().worker_threads,
+            Some(2)
+        );
+        assert_eq!(
+            settings(&["--config", file, "--worker-threads", "1"])
+                .unwrap()
+                .worker_threads,
+            Some(1),
+            "the flag overrides the file"
+        );
+    }
+
+    #[test]
+    fn zero_or_too_many_worker_threads_are_refused_with_the_range() {
+        for bad in ["0", "1025"] {
+            let error = settings(&["--worker-threads", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("worker threads must be between 1 and 1024"),
+                "{bad}: {error}"
+            );
         }
     }
 }

@@ -86,6 +86,10 @@ pub struct Args {
     /// ... and at most this many.
     #[arg(long, env = "RATIFY_PARTICIPANT_MAX_TOMBSTONES")]
     pub max_tombstones: Option<usize>,
+    /// Async worker threads (default: one per core). A participant sharing its machine
+    /// with other busy processes (a local stack) does better with its share of the cores.
+    #[arg(long, env = "RATIFY_PARTICIPANT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,7 +112,11 @@ struct FileConfig {
     active_branch_timeout_s: Option<u64>,
     tombstone_retention_s: Option<u64>,
     max_tombstones: Option<usize>,
+    worker_threads: Option<usize>,
 }
+
+/// The most async worker threads a daemon accepts.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 /// Settings after merging flags, environment, file and defaults.
 #[derive(Debug, Clone)]
@@ -119,6 +127,8 @@ pub struct Settings {
     pub advertise: Option<String>,
     pub runtime: RuntimeConfig,
     pub limits: KvLimits,
+    /// Async worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
 }
 
 impl Args {
@@ -190,6 +200,13 @@ impl Args {
                 .map(Duration::from_secs)
                 .unwrap_or(limit_defaults.active_branch_timeout),
         };
+        let worker_threads = self.worker_threads.or(file.worker_threads);
+        if let Some(n) = worker_threads {
+            anyhow::ensure!(
+                (1..=MAX_WORKER_THREADS).contains(&n),
+                "worker threads must be between 1 and {MAX_WORKER_THREADS} (got {n})"
+            );
+        }
         Ok(Settings {
             store: self.store.or(file.store),
             listen: self
@@ -203,6 +220,7 @@ impl Args {
             advertise: self.advertise.or(file.advertise),
             runtime,
             limits,
+            worker_threads,
         })
     }
 }
@@ -433,7 +451,11 @@ pub fn main_with(args: Args) -> std::process::ExitCode {
     let scenario = fail::FailScenario::setup();
     let result = (|| {
         let settings = args.settings()?;
-        tokio::runtime::Builder::new_multi_thread()
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = settings.worker_threads {
+            builder.worker_threads(n);
+        }
+        builder
             .enable_all()
             .build()
             .context("starting the tokio runtime")?
@@ -458,4 +480,51 @@ pub fn init_tracing() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+        Args::try_parse_from(std::iter::once("ratify-participant").chain(args.iter().copied()))?
+            .settings()
+    }
+
+    #[test]
+    fn worker_threads_come_from_the_flag_or_the_file_and_default_to_one_per_core() {
+        assert_eq!(settings(&[]).unwrap().worker_threads, None);
+        assert_eq!(
+            settings(&["--worker-threads", "3"]).unwrap().worker_threads,
+            Some(3)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("participant.toml");
+        std::fs::write(&file, "worker_threads = 2\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            settings(&["--config", file]).unwrap().worker_threads,
+            Some(2)
+        );
+        assert_eq!(
+            settings(&["--config", file, "--worker-threads", "1"])
+                .unwrap()
+                .worker_threads,
+            Some(1),
+            "the flag overrides the file"
+        );
+    }
+
+    #[test]
+    fn zero_or_too_many_worker_threads_are_refused_with_the_range() {
+        for bad in ["0", "1025"] {
+            let error = settings(&["--worker-threads", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("worker threads must be between 1 and 1024"),
+                "{bad}: {error}"
+            );
+        }
+    }
 }
