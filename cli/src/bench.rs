@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::client::{self, CliError, CliResult, exit};
 use crate::output::table;
 use crate::proc::Proc;
-use crate::stack::{LocalStack, StackConfig, co_located_worker_threads, participant_name};
+use crate::stack::{LocalStack, StackConfig, participant_name};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -68,8 +68,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Async worker threads of each process of the stack the bench starts, and of its
-    /// echo server (default: this machine's cores shared out among the stack's processes,
-    /// at least one each).
+    /// echo server (default: the daemons' default, one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// The `ratify` binary to run the stack with (default: this one).
@@ -702,10 +701,7 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         Some(e) => e.clone(),
         None => std::env::current_exe().map_err(|e| CliError::new(exit::ERROR, e.to_string()))?,
     };
-    let worker_threads = args.worker_threads.map_or_else(
-        || co_located_worker_threads(usize::from(args.participants) + 1),
-        usize::from,
-    );
+    let worker_threads = args.worker_threads.map(usize::from);
     let mut stack = None;
     let target = match &args.target {
         Some(coordinator) => {
@@ -734,7 +730,7 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
                 termination_deadline_ms: 10_000,
                 participant_env: Vec::new(),
                 stores: Vec::new(),
-                worker_threads: Some(worker_threads),
+                worker_threads,
             })
             .map_err(|e| CliError::new(exit::ERROR, e))?;
             s.wait_registered(Duration::from_secs(30))
@@ -760,11 +756,13 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
     let echo = Proc::try_start(
         "echo",
         exe,
-        vec![
-            "echo-server".into(),
-            "--worker-threads".into(),
-            worker_threads.to_string(),
-        ],
+        std::iter::once("echo-server".to_string())
+            .chain(
+                worker_threads
+                    .iter()
+                    .flat_map(|n| ["--worker-threads".into(), n.to_string()]),
+            )
+            .collect(),
         "127.0.0.1:0",
         &[],
         dir.path().join("echo.log"),
@@ -772,11 +770,12 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     let fsync = fsync_ceiling(dir.path(), 1.0);
     eprintln!(
-        "ceilings: fdatasync {:.0}/s (p50 {:.3} ms) in {}; {worker_threads} worker thread(s) \
-         per server process",
+        "ceilings: fdatasync {:.0}/s (p50 {:.3} ms) in {}; worker threads per server \
+         process: {}",
         fsync.0,
         fsync.1,
-        dir.path().display()
+        dir.path().display(),
+        worker_threads.map_or("one per core".to_string(), |n| n.to_string())
     );
 
     let (rss_probe, bytes_per_txn) = if args.memory_probe > 0 && !target.pids.is_empty() {

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::bank::{Bank, Workload};
 use crate::client::{CliError, CliResult, exit};
 use crate::output::table;
-use crate::stack::{LocalStack, StackConfig, co_located_worker_threads};
+use crate::stack::{LocalStack, StackConfig};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -90,9 +90,7 @@ pub async fn run(args: DemoArgs) -> CliResult<u8> {
         termination_deadline_ms: 1_000,
         participant_env,
         stores: vec![None, args.postgres.clone()],
-        worker_threads: Some(co_located_worker_threads(
-            usize::from(args.participants) + 1,
-        )),
+        worker_threads: None,
     })
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     stack

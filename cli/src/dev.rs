@@ -8,9 +8,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::client::{CliError, CliResult, exit};
-use crate::stack::{
-    LocalStack, StackConfig, co_located_worker_threads, remember_ports, remembered_ports,
-};
+use crate::stack::{LocalStack, StackConfig, remember_ports, remembered_ports};
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -41,9 +39,7 @@ pub async fn run(args: DevArgs) -> CliResult<u8> {
         termination_deadline_ms: 5_000,
         participant_env: Vec::new(),
         stores: Vec::new(),
-        worker_threads: Some(co_located_worker_threads(
-            usize::from(args.participants) + 1,
-        )),
+        worker_threads: None,
     })
     .map_err(|e| CliError::new(exit::ERROR, e))?;
     remember_ports(&args.dir, &stack);

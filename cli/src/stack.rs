@@ -29,16 +29,6 @@ pub struct StackConfig {
     pub worker_threads: Option<usize>,
 }
 
-/// Async worker threads for each of `processes` busy daemons sharing this machine: their
-/// share of its cores, at least one. With one per core each, the daemons of a local
-/// stack outnumber the cores several times over; their workers then wake, steal work from
-/// each other and get descheduled more than they run (on 2 cores, a coordinator and two
-/// participants used about a fifth more CPU per transaction that way).
-pub fn co_located_worker_threads(processes: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / processes.max(1)).max(1)
-}
-
 #[derive(Debug)]
 pub struct LocalStack {
     pub dir: PathBuf,
