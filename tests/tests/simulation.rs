@@ -65,6 +65,31 @@ fn the_simulation_catches_a_store_that_votes_yes_before_its_prepare_is_durable()
 }
 
 #[test]
+fn decisions_reached_in_one_driver_pass_share_one_forced_append() {
+    // Many clients and no faults: a batched Prepare's votes decide several transactions
+    // in one pass of the coordinator's driver, whose COMMIT records go to the log as one
+    // forced append (one group commit), not one append each.
+    let mut plan = SimPlan::draw(3, 400);
+    plan.clients = 16;
+    plan.transfers_per_client = 25;
+    plan.fault_gap_ms = 1 << 40;
+    let outcome = run_seed(&plan);
+    assert!(
+        outcome.violations.is_empty(),
+        "{}",
+        outcome.violations.join("\n")
+    );
+    assert_eq!(outcome.faults.total(), 0);
+    assert!(outcome.committed > 100, "{outcome:?}");
+    assert!(
+        outcome.forced_records > outcome.forced_appends,
+        "every forced append carried one record: {} appends, {} records",
+        outcome.forced_appends,
+        outcome.forced_records
+    );
+}
+
+#[test]
 fn a_seed_replays_exactly() {
     let plan = SimPlan::draw(7, 80);
     let first = run_seed(&plan);

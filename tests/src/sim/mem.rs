@@ -28,11 +28,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct LogDisk {
     records: Mutex<Vec<LogRecord>>,
     epoch: AtomicU64,
+    /// Forced appends made, and the records they carried (over every incarnation).
+    forced_appends: AtomicU64,
+    forced_records: AtomicU64,
 }
 
 impl LogDisk {
     pub fn records(&self) -> Vec<LogRecord> {
         lock(&self.records).clone()
+    }
+
+    /// (forced appends, records they carried).
+    pub fn forced(&self) -> (u64, u64) {
+        (
+            self.forced_appends.load(Ordering::SeqCst),
+            self.forced_records.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -114,6 +125,10 @@ impl DecisionLog for MemLog {
     }
 
     async fn append(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+        let disk = &self.inner.disk;
+        disk.forced_appends.fetch_add(1, Ordering::SeqCst);
+        disk.forced_records
+            .fetch_add(records.len() as u64, Ordering::SeqCst);
         let upto = self.inner.enqueue(records);
         while self.inner.durable.load(Ordering::SeqCst) < upto {
             tokio::time::sleep(self.inner.fsync).await;

@@ -159,6 +159,9 @@ pub struct SimOutcome {
     pub violations: Vec<String>,
     /// A digest of the final state and the clients' answers (to compare replays).
     pub digest: u64,
+    /// The coordinator's forced log appends, and the records they carried.
+    pub forced_appends: u64,
+    pub forced_records: u64,
 }
 
 fn account_key(i: usize) -> String {
@@ -529,6 +532,7 @@ fn run_seed_inner(plan: &SimPlan) -> SimOutcome {
         }
     }
     outcome.workload_s = (sim.elapsed() - workload_start).as_secs_f64();
+    (outcome.forced_appends, outcome.forced_records) = log_disk.forced();
 
     // Heal everything, then wait (bounded) until nothing is prepared anywhere and the
     // coordinator has ended every decided transaction.
