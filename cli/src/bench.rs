@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use crate::client::{self, CliError, CliResult, exit};
 use crate::output::table;
 use crate::proc::Proc;
-use crate::stack::{LocalStack, StackConfig, participant_name};
+use crate::stack::{LocalStack, StackConfig, participant_name, worker_threads_args};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -69,7 +69,7 @@ pub struct BenchArgs {
     pub json: bool,
     /// Async worker threads of each process of the stack the bench starts, and of its
     /// echo server (default: the daemons' default, one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=ratify_coordinator::daemon::MAX_WORKER_THREADS as i64))]
     pub worker_threads: Option<u16>,
     /// The `ratify` binary to run the stack with (default: this one).
     #[arg(long, hide = true)]
@@ -757,11 +757,7 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         "echo",
         exe,
         std::iter::once("echo-server".to_string())
-            .chain(
-                worker_threads
-                    .iter()
-                    .flat_map(|n| ["--worker-threads".into(), n.to_string()]),
-            )
+            .chain(worker_threads_args(worker_threads))
             .collect(),
         "127.0.0.1:0",
         &[],

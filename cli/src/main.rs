@@ -59,7 +59,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
         /// Async worker threads (default: one per core), as the coordinator is given.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=ratify_coordinator::daemon::MAX_WORKER_THREADS as i64))]
         worker_threads: Option<u16>,
     },
     /// Run the coordinator daemon (as `ratify-coordinator`).

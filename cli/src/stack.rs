@@ -45,7 +45,8 @@ fn listen_on(port: u16) -> String {
     format!("127.0.0.1:{}", if free(port) { port } else { 0 })
 }
 
-fn worker_threads_args(worker_threads: Option<usize>) -> Vec<String> {
+/// The daemons' `--worker-threads` flag for `worker_threads` (none for the default).
+pub fn worker_threads_args(worker_threads: Option<usize>) -> Vec<String> {
     match worker_threads {
         Some(n) => vec!["--worker-threads".into(), n.to_string()],
         None => Vec::new(),

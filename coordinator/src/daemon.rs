@@ -73,8 +73,7 @@ pub struct Args {
     /// Start a new WAL segment past this size (bytes).
     #[arg(long, env = "RATIFY_COORDINATOR_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
-    /// Async worker threads (default: one per core). A coordinator sharing its machine
-    /// with other busy processes (a local stack) does better with its share of the cores.
+    /// Async worker threads (default: one per core).
     #[arg(long, env = "RATIFY_COORDINATOR_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }

@@ -86,8 +86,7 @@ pub struct Args {
     /// ... and at most this many.
     #[arg(long, env = "RATIFY_PARTICIPANT_MAX_TOMBSTONES")]
     pub max_tombstones: Option<usize>,
-    /// Async worker threads (default: one per core). A participant sharing its machine
-    /// with other busy processes (a local stack) does better with its share of the cores.
+    /// Async worker threads (default: one per core).
     #[arg(long, env = "RATIFY_PARTICIPANT_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
