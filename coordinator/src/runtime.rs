@@ -11,7 +11,7 @@ use bytes::Bytes;
 use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_proto::v1::participant_client::ParticipantClient;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tonic::transport::Channel;
 use tracing::{debug, error, info, warn};
 
@@ -31,13 +31,20 @@ pub struct RuntimeConfig {
     pub phase2_rpc_timeout: Duration,
     /// Most branches in one batched RPC to a participant.
     pub max_batch: usize,
-    /// Batched RPCs in flight to one participant at once, per message kind, when some
+    /// Batched RPCs in flight to one participant at once, per lane (prepares, which
+    /// carry what decisions are queued, and decisions alone), when some
     /// of them are stalled (see `stalled_rpc_after`). Normally only one is: the next
     /// batch gathers while it is on the wire.
     pub max_rpcs_in_flight: usize,
     /// How long a batched RPC may be outstanding before the next batch of the same
     /// kind goes out beside it instead of waiting for it.
     pub stalled_rpc_after: Duration,
+    /// How long a decision for a participant waits for a Prepare to that participant to
+    /// ride on before it goes out in a Commit or Abort of its own. Under load a Prepare
+    /// is always about to leave, so phase two costs no RPC of its own; a lone client's
+    /// next transaction follows its decision within a round trip. The cost: while no
+    /// Prepare comes, a branch stays prepared (its locks held) this much longer.
+    pub decision_linger: Duration,
     /// Opens the channels to participants.
     pub dialer: ratify_proto::dial::Dialer,
 }
@@ -51,6 +58,7 @@ impl Default for RuntimeConfig {
             max_batch: 256,
             max_rpcs_in_flight: 4,
             stalled_rpc_after: Duration::from_millis(20),
+            decision_linger: Duration::from_millis(1),
             dialer: ratify_proto::dial::Dialer::tcp(),
         }
     }
@@ -173,6 +181,41 @@ struct PrepareItem {
 struct DecisionItem {
     txn: TxnId,
     epoch: u64,
+    commit: bool,
+}
+
+/// Decisions waiting to go to one participant: taken by the next Prepare to it, or
+/// after `decision_linger` by the decision lane.
+#[derive(Default)]
+struct DecisionQueue {
+    items: std::sync::Mutex<std::collections::VecDeque<DecisionItem>>,
+    /// Rung when the queue goes from empty to not empty.
+    ready: tokio::sync::Notify,
+    /// Rung when a Prepare took everything, so the lane stops lingering.
+    emptied: tokio::sync::Notify,
+}
+
+impl DecisionQueue {
+    fn push(&self, item: DecisionItem) {
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        items.push_back(item);
+        if items.len() == 1 {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Up to `max` of the oldest queued decisions.
+    fn take(&self, max: usize) -> Vec<DecisionItem> {
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+        let n = items.len().min(max);
+        let taken: Vec<DecisionItem> = items.drain(..n).collect();
+        if items.is_empty() {
+            self.emptied.notify_waiters();
+        } else {
+            self.ready.notify_one();
+        }
+        taken
+    }
 }
 
 /// Batching senders to one participant (at one endpoint).
@@ -180,8 +223,7 @@ struct Outbound {
     endpoint: String,
     channel: Option<Channel>,
     prepare: mpsc::UnboundedSender<PrepareItem>,
-    commit: mpsc::UnboundedSender<DecisionItem>,
-    abort: mpsc::UnboundedSender<DecisionItem>,
+    decisions: Arc<DecisionQueue>,
 }
 
 struct Driver<L> {
@@ -421,7 +463,11 @@ impl<L: DecisionLog> Driver<L> {
                     epoch,
                 } => {
                     let out = self.outbound(&participant, &endpoint);
-                    let _ = out.commit.send(DecisionItem { txn, epoch });
+                    out.decisions.push(DecisionItem {
+                        txn,
+                        epoch,
+                        commit: true,
+                    });
                 }
                 Action::SendAbort {
                     txn,
@@ -430,7 +476,11 @@ impl<L: DecisionLog> Driver<L> {
                     epoch,
                 } => {
                     let out = self.outbound(&participant, &endpoint);
-                    let _ = out.abort.send(DecisionItem { txn, epoch });
+                    out.decisions.push(DecisionItem {
+                        txn,
+                        epoch,
+                        commit: false,
+                    });
                 }
                 Action::SendCommitOnePhase {
                     txn,
@@ -614,8 +664,7 @@ fn spawn_outbound(
         warn!(%participant, %endpoint, "invalid participant endpoint; its messages fail");
     }
     let (prepare, prepare_rx) = mpsc::unbounded_channel::<PrepareItem>();
-    let (commit, commit_rx) = mpsc::unbounded_channel::<DecisionItem>();
-    let (abort, abort_rx) = mpsc::unbounded_channel::<DecisionItem>();
+    let decisions = Arc::new(DecisionQueue::default());
     let max_batch = config.max_batch;
     let pacing = Pacing {
         max_in_flight: config.max_rpcs_in_flight,
@@ -624,6 +673,7 @@ fn spawn_outbound(
 
     {
         let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
+        let (decisions, counters_here) = (decisions.clone(), counters.clone());
         let timeout = config.prepare_rpc_timeout;
         tokio::spawn(batch_loop(
             counters.clone(),
@@ -633,6 +683,14 @@ fn spawn_outbound(
             move |batch: Vec<PrepareItem>| {
                 let (channel, events, participant) =
                     (channel.clone(), events.clone(), participant.clone());
+                // Phase two of earlier transactions rides along: no RPC of its own.
+                let (commits, aborts): (Vec<DecisionItem>, Vec<DecisionItem>) = decisions
+                    .take(max_batch)
+                    .into_iter()
+                    .partition(|d| d.commit);
+                counters_here
+                    .participant_branches
+                    .fetch_add((commits.len() + aborts.len()) as u64, Ordering::Relaxed);
                 async move {
                     let txns: Vec<TxnId> = batch.iter().map(|i| i.txn).collect();
                     let request = v1::PrepareRequest {
@@ -645,13 +703,15 @@ fn spawn_outbound(
                                 incarnation: i.incarnation,
                             })
                             .collect(),
+                        commits: decision_branches(&commits),
+                        aborts: decision_branches(&aborts),
                     };
                     let answer = match channel {
                         None => Err("invalid endpoint".to_string()),
                         Some(channel) => {
                             let mut client = ParticipantClient::new(channel);
                             match tokio::time::timeout(timeout, client.prepare(request)).await {
-                                Ok(Ok(r)) => Ok(r.into_inner().results),
+                                Ok(Ok(r)) => Ok(r.into_inner()),
                                 Ok(Err(status)) => {
                                     Err(format!("{}: {}", status.code(), status.message()))
                                 }
@@ -659,147 +719,64 @@ fn spawn_outbound(
                             }
                         }
                     };
-                    let mut votes: HashMap<TxnId, VoteResult> = HashMap::new();
-                    if let Ok(results) = &answer {
-                        for r in results {
-                            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
-                                continue;
-                            };
-                            let vote = match (v1::Vote::try_from(r.vote), &r.error) {
-                                // A refusal the participant made before touching its
-                                // store is a NO; any other error leaves the branch's state
-                                // unknown (it may have prepared), so it still gets an Abort.
-                                (_, Some(e)) if is_refusal(tonic::Code::from_i32(e.code)) => {
-                                    VoteResult::No {
-                                        reason: format!(
-                                            "refused ({}): {}",
-                                            tonic::Code::from_i32(e.code),
-                                            e.message
-                                        ),
-                                    }
-                                }
-                                (_, Some(e)) => VoteResult::Failed {
-                                    error: format!(
-                                        "{}: {}",
-                                        tonic::Code::from_i32(e.code),
-                                        e.message
-                                    ),
-                                },
-                                (Ok(v1::Vote::Yes), None) => VoteResult::Yes,
-                                (Ok(v1::Vote::ReadOnly), None) => VoteResult::ReadOnly,
-                                (Ok(v1::Vote::No), None) => VoteResult::No {
-                                    reason: r.reason.clone(),
-                                },
-                                _ => VoteResult::Failed {
-                                    error: format!("unknown vote {}", r.vote),
-                                },
-                            };
-                            votes.insert(txn, vote);
-                        }
-                    }
-                    let mut inputs = Vec::with_capacity(txns.len());
-                    for txn in txns {
-                        let vote = votes.remove(&txn).unwrap_or_else(|| VoteResult::Failed {
-                            error: match &answer {
-                                Err(e) => e.clone(),
-                                Ok(_) => "the participant's answer left this branch out".into(),
-                            },
-                        });
-                        // Crash point: a vote is in, maybe not all of them (C2/C3).
-                        crash_point!("coordinator::vote_received");
-                        inputs.push(Input::Vote {
-                            txn,
-                            participant: participant.clone(),
-                            vote,
-                        });
-                    }
+                    let mut inputs = ack_inputs(
+                        &participant,
+                        &commits,
+                        answer
+                            .as_ref()
+                            .map(|r| r.commit_results.as_slice())
+                            .map_err(String::as_str),
+                    );
+                    inputs.extend(ack_inputs(
+                        &participant,
+                        &aborts,
+                        answer
+                            .as_ref()
+                            .map(|r| r.abort_results.as_slice())
+                            .map_err(String::as_str),
+                    ));
+                    inputs.extend(vote_inputs(
+                        &participant,
+                        txns,
+                        answer
+                            .as_ref()
+                            .map(|r| r.results.as_slice())
+                            .map_err(String::as_str),
+                    ));
                     let _ = events.send(Command::Events(inputs));
                 }
             },
         ));
     }
-    for (receiver, is_commit) in [(commit_rx, true), (abort_rx, false)] {
+    {
         let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
         let timeout = config.phase2_rpc_timeout;
-        tokio::spawn(batch_loop(
-            counters.clone(),
-            receiver,
+        tokio::spawn(decision_lane(
+            counters,
+            decisions.clone(),
+            config.decision_linger,
             max_batch,
             pacing,
             move |batch: Vec<DecisionItem>| {
                 let (channel, events, participant) =
                     (channel.clone(), events.clone(), participant.clone());
                 async move {
-                    let txns: Vec<TxnId> = batch.iter().map(|i| i.txn).collect();
-                    let branches: Vec<v1::DecisionBranch> = batch
-                        .into_iter()
-                        .map(|i| v1::DecisionBranch {
-                            txn_id: i.txn.to_vec().into(),
-                            epoch: i.epoch,
-                        })
-                        .collect();
-                    let answer: Result<Vec<v1::AckResult>, String> = match channel {
-                        None => Err("invalid endpoint".to_string()),
-                        Some(channel) => {
-                            let mut client = ParticipantClient::new(channel);
-                            let call = async {
-                                if is_commit {
-                                    client
-                                        .commit(v1::CommitRequest { branches })
-                                        .await
-                                        .map(|r| r.into_inner().results)
-                                } else {
-                                    client
-                                        .abort(v1::AbortRequest { branches })
-                                        .await
-                                        .map(|r| r.into_inner().results)
-                                }
-                            };
-                            match tokio::time::timeout(timeout, call).await {
-                                Ok(Ok(results)) => Ok(results),
-                                Ok(Err(status)) => {
-                                    Err(format!("{}: {}", status.code(), status.message()))
-                                }
-                                Err(_) => Err(format!(
-                                    "{} timed out",
-                                    if is_commit { "Commit" } else { "Abort" }
-                                )),
-                            }
-                        }
-                    };
-                    let mut acks: HashMap<TxnId, Result<(), String>> = HashMap::new();
-                    if let Ok(results) = &answer {
-                        for r in results {
-                            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
-                                continue;
-                            };
-                            acks.insert(
-                                txn,
-                                match &r.error {
-                                    None => Ok(()),
-                                    Some(e) => Err(format!(
-                                        "{}: {}",
-                                        tonic::Code::from_i32(e.code),
-                                        e.message
-                                    )),
-                                },
-                            );
-                        }
-                    }
-                    let mut inputs = Vec::with_capacity(txns.len());
-                    for txn in txns {
-                        let result = acks.remove(&txn).unwrap_or_else(|| {
-                            Err(match &answer {
-                                Err(e) => e.clone(),
-                                Ok(_) => "the participant's answer left this branch out".into(),
-                            })
-                        });
-                        inputs.push(Input::Ack {
-                            txn,
-                            participant: participant.clone(),
-                            result,
-                        });
-                    }
+                    let (commits, aborts): (Vec<DecisionItem>, Vec<DecisionItem>) =
+                        batch.into_iter().partition(|d| d.commit);
+                    let (commit_answer, abort_answer) = tokio::join!(
+                        send_decisions(channel.clone(), timeout, &commits, true),
+                        send_decisions(channel, timeout, &aborts, false),
+                    );
+                    let mut inputs = ack_inputs(
+                        &participant,
+                        &commits,
+                        commit_answer.as_deref().map_err(String::as_str),
+                    );
+                    inputs.extend(ack_inputs(
+                        &participant,
+                        &aborts,
+                        abort_answer.as_deref().map_err(String::as_str),
+                    ));
                     let _ = events.send(Command::Events(inputs));
                 }
             },
@@ -809,9 +786,147 @@ fn spawn_outbound(
         endpoint,
         channel,
         prepare,
-        commit,
-        abort,
+        decisions,
     }
+}
+
+fn decision_branches(items: &[DecisionItem]) -> Vec<v1::DecisionBranch> {
+    items
+        .iter()
+        .map(|i| v1::DecisionBranch {
+            txn_id: i.txn.to_vec().into(),
+            epoch: i.epoch,
+        })
+        .collect()
+}
+
+/// Sends one Commit (or Abort) RPC with `items`; none when there are none.
+async fn send_decisions(
+    channel: Option<Channel>,
+    timeout: Duration,
+    items: &[DecisionItem],
+    commit: bool,
+) -> Result<Vec<v1::AckResult>, String> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let branches = decision_branches(items);
+    let Some(channel) = channel else {
+        return Err("invalid endpoint".to_string());
+    };
+    let mut client = ParticipantClient::new(channel);
+    let call = async {
+        if commit {
+            client
+                .commit(v1::CommitRequest { branches })
+                .await
+                .map(|r| r.into_inner().results)
+        } else {
+            client
+                .abort(v1::AbortRequest { branches })
+                .await
+                .map(|r| r.into_inner().results)
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(results)) => Ok(results),
+        Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+        Err(_) => Err(format!(
+            "{} timed out",
+            if commit { "Commit" } else { "Abort" }
+        )),
+    }
+}
+
+/// The engine's inputs for the votes of one Prepare RPC: one per branch sent, whatever
+/// the participant answered (a branch its answer leaves out failed).
+fn vote_inputs(
+    participant: &str,
+    txns: Vec<TxnId>,
+    answer: Result<&[v1::PrepareResult], &str>,
+) -> Vec<Input> {
+    let mut votes: HashMap<TxnId, VoteResult> = HashMap::new();
+    if let Ok(results) = answer {
+        for r in results {
+            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
+                continue;
+            };
+            let vote = match (v1::Vote::try_from(r.vote), &r.error) {
+                // A refusal the participant made before touching its store is a NO; any
+                // other error leaves the branch's state unknown (it may have prepared),
+                // so it still gets an Abort.
+                (_, Some(e)) if is_refusal(tonic::Code::from_i32(e.code)) => VoteResult::No {
+                    reason: format!("refused ({}): {}", tonic::Code::from_i32(e.code), e.message),
+                },
+                (_, Some(e)) => VoteResult::Failed {
+                    error: format!("{}: {}", tonic::Code::from_i32(e.code), e.message),
+                },
+                (Ok(v1::Vote::Yes), None) => VoteResult::Yes,
+                (Ok(v1::Vote::ReadOnly), None) => VoteResult::ReadOnly,
+                (Ok(v1::Vote::No), None) => VoteResult::No {
+                    reason: r.reason.clone(),
+                },
+                _ => VoteResult::Failed {
+                    error: format!("unknown vote {}", r.vote),
+                },
+            };
+            votes.insert(txn, vote);
+        }
+    }
+    let mut inputs = Vec::with_capacity(txns.len());
+    for txn in txns {
+        let vote = votes.remove(&txn).unwrap_or_else(|| VoteResult::Failed {
+            error: match answer {
+                Err(e) => e.to_string(),
+                Ok(_) => "the participant's answer left this branch out".into(),
+            },
+        });
+        // Crash point: a vote is in, maybe not all of them (C2/C3).
+        crash_point!("coordinator::vote_received");
+        inputs.push(Input::Vote {
+            txn,
+            participant: participant.to_string(),
+            vote,
+        });
+    }
+    inputs
+}
+
+/// The engine's inputs for the acknowledgements of decisions sent in one RPC: one per
+/// decision sent; one the answer leaves out failed, and the engine sends it again.
+fn ack_inputs(
+    participant: &str,
+    items: &[DecisionItem],
+    answer: Result<&[v1::AckResult], &str>,
+) -> Vec<Input> {
+    let mut acks: HashMap<TxnId, Result<(), String>> = HashMap::new();
+    if let Ok(results) = answer {
+        for r in results {
+            let Ok(txn) = TxnId::try_from(&r.txn_id) else {
+                continue;
+            };
+            acks.insert(
+                txn,
+                match &r.error {
+                    None => Ok(()),
+                    Some(e) => Err(format!("{}: {}", tonic::Code::from_i32(e.code), e.message)),
+                },
+            );
+        }
+    }
+    items
+        .iter()
+        .map(|item| Input::Ack {
+            txn: item.txn,
+            participant: participant.to_string(),
+            result: acks.remove(&item.txn).unwrap_or_else(|| {
+                Err(match answer {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "the participant's answer left this branch out".into(),
+                })
+            }),
+        })
+        .collect()
 }
 
 /// How [`batch_loop`] paces its RPCs.
@@ -821,6 +936,55 @@ struct Pacing {
     max_in_flight: usize,
     /// An RPC outstanding this long no longer holds the next batch back.
     stalled_after: Duration,
+}
+
+/// The two semaphores of one paced lane: RPCs in flight, and the turn of the RPC that
+/// holds the next batch back.
+struct Lane {
+    in_flight: Arc<Semaphore>,
+    next_turn: Arc<Semaphore>,
+    pacing: Pacing,
+}
+
+impl Lane {
+    fn new(pacing: Pacing) -> Self {
+        Self {
+            in_flight: Arc::new(Semaphore::new(pacing.max_in_flight.max(1))),
+            next_turn: Arc::new(Semaphore::new(1)),
+            pacing,
+        }
+    }
+
+    /// Waits until the lane may send its next RPC; `None` once it is closed.
+    async fn ready(&self) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let slot = self.in_flight.clone().acquire_owned().await.ok()?;
+        let turn = self.next_turn.clone().acquire_owned().await.ok()?;
+        Some((slot, turn))
+    }
+
+    /// Runs `rpc` on a task of its own, holding the next batch back until it is answered
+    /// or stalled.
+    fn dispatch(
+        &self,
+        rpc: impl std::future::Future<Output = ()> + Send + 'static,
+        (slot, turn): (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    ) {
+        let stalled_after = self.pacing.stalled_after;
+        tokio::spawn(async move {
+            let mut rpc = std::pin::pin!(rpc);
+            tokio::select! {
+                // Biased, so a reply and the stall timer ready on the same tick always
+                // resolve the same way (the simulation replays seeds exactly).
+                biased;
+                () = &mut rpc => {}
+                () = tokio::time::sleep(stalled_after) => {
+                    drop(turn);
+                    rpc.await;
+                }
+            }
+            drop(slot);
+        });
+    }
 }
 
 /// Sends whatever has queued up as one RPC. One RPC is outstanding at a time: while it
@@ -841,14 +1005,9 @@ async fn batch_loop<T, F, Fut>(
     F: Fn(Vec<T>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let in_flight = Arc::new(Semaphore::new(pacing.max_in_flight.max(1)));
-    // Held by the RPC that holds the next batch back: until it is answered or stalled.
-    let next_turn = Arc::new(Semaphore::new(1));
+    let lane = Lane::new(pacing);
     while let Some(first) = receiver.recv().await {
-        let (Ok(slot), Ok(turn)) = (
-            in_flight.clone().acquire_owned().await,
-            next_turn.clone().acquire_owned().await,
-        ) else {
+        let Some(permits) = lane.ready().await else {
             return;
         };
         let mut batch = vec![first];
@@ -862,22 +1021,50 @@ async fn batch_loop<T, F, Fut>(
         counters
             .participant_branches
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let rpc = send(batch);
-        let stalled_after = pacing.stalled_after;
-        tokio::spawn(async move {
-            let mut rpc = std::pin::pin!(rpc);
+        lane.dispatch(send(batch), permits);
+    }
+}
+
+/// Sends the decisions no Prepare took within `linger` of being queued, paced like
+/// [`batch_loop`]: one Commit and one Abort RPC (each only if it has entries) per batch.
+async fn decision_lane<F, Fut>(
+    counters: Arc<Counters>,
+    queue: Arc<DecisionQueue>,
+    linger: Duration,
+    max_batch: usize,
+    pacing: Pacing,
+    send: F,
+) where
+    F: Fn(Vec<DecisionItem>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let lane = Lane::new(pacing);
+    loop {
+        queue.ready.notified().await;
+        if !linger.is_zero() {
+            let emptied = queue.emptied.notified();
             tokio::select! {
-                // Biased, so a reply and the stall timer ready on the same tick always
-                // resolve the same way (the simulation replays seeds exactly).
                 biased;
-                () = &mut rpc => {}
-                () = tokio::time::sleep(stalled_after) => {
-                    drop(turn);
-                    rpc.await;
-                }
+                () = emptied => continue,
+                () = tokio::time::sleep(linger) => {}
             }
-            drop(slot);
-        });
+        }
+        let Some(permits) = lane.ready().await else {
+            return;
+        };
+        let batch = queue.take(max_batch);
+        if batch.is_empty() {
+            continue;
+        }
+        let kinds =
+            u64::from(batch.iter().any(|d| d.commit)) + u64::from(batch.iter().any(|d| !d.commit));
+        counters
+            .participant_rpcs
+            .fetch_add(kinds, Ordering::Relaxed);
+        counters
+            .participant_branches
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        lane.dispatch(send(batch), permits);
     }
 }
 

@@ -473,24 +473,7 @@ impl<R: ResourceManager> Runtime<R> {
         self: &Arc<Self>,
         entries: Vec<(BranchMeta, Bytes)>,
     ) -> Vec<PrepareAnswer> {
-        let this = self.clone();
-        let count = entries.len();
-        tokio::spawn(async move {
-            let all = futures::future::join_all(
-                entries
-                    .into_iter()
-                    .map(|(meta, payload)| this.prepare_inner(meta, payload)),
-            );
-            if count > 1 {
-                with_flush_held(this.store.as_ref(), all).await
-            } else {
-                all.await
-            }
-        })
-        .await
-        .unwrap_or_else(|e| {
-            vec![PrepareAnswer::refused(Code::Internal, format!("prepare failed: {e}")); count]
-        })
+        self.decide_then_prepare(Vec::new(), entries).await.1
     }
 
     /// Handles the Commit (or Abort) entries of one RPC, concurrently, on one task of
@@ -500,22 +483,65 @@ impl<R: ResourceManager> Runtime<R> {
         entries: Vec<(TxnId, u64)>,
         decision: Decision,
     ) -> Vec<Result<(), Refused>> {
+        let decisions = entries
+            .into_iter()
+            .map(|(txn_id, epoch)| (txn_id, epoch, decision))
+            .collect();
+        self.decide_then_prepare(decisions, Vec::new()).await.0
+    }
+
+    /// Handles one Prepare RPC that also carries decisions for earlier transactions: the
+    /// decisions first, then the prepares, on one task, answered together.
+    ///
+    /// Every entry runs concurrently, but the decisions are polled first in the pass that
+    /// holds the store's next flush: a commit releases its locks before it waits for its
+    /// record, so a new branch on the same keys (the next transaction of the same client,
+    /// typically) finds them free, and the Committed records share the prepares' fsync.
+    /// A decision that must wait for its transaction's lock stripe does not hold the
+    /// prepares back; a prepare that then meets its locks votes NO, as it would have
+    /// had the decision come in an RPC of its own a moment later.
+    pub async fn decide_then_prepare(
+        self: &Arc<Self>,
+        decisions: Vec<(TxnId, u64, Decision)>,
+        prepares: Vec<(BranchMeta, Bytes)>,
+    ) -> (Vec<Result<(), Refused>>, Vec<PrepareAnswer>) {
         let this = self.clone();
-        let count = entries.len();
+        let (decision_count, prepare_count) = (decisions.len(), prepares.len());
         tokio::spawn(async move {
-            futures::future::join_all(entries.into_iter().map(|(txn_id, epoch)| {
-                let this = &this;
-                async move {
-                    match decision {
-                        Decision::Commit => this.commit_inner(txn_id, epoch).await,
-                        Decision::Abort => this.abort_inner(txn_id, epoch).await,
+            let decided = futures::future::join_all(decisions.into_iter().map(
+                |(txn_id, epoch, decision)| {
+                    let this = &this;
+                    async move {
+                        match decision {
+                            Decision::Commit => this.commit_inner(txn_id, epoch).await,
+                            Decision::Abort => this.abort_inner(txn_id, epoch).await,
+                        }
                     }
-                }
-            }))
-            .await
+                },
+            ));
+            let prepared = futures::future::join_all(
+                prepares
+                    .into_iter()
+                    .map(|(meta, payload)| this.prepare_inner(meta, payload)),
+            );
+            // `join` polls in argument order: the decisions go first in every pass.
+            let both = async { futures::join!(decided, prepared) };
+            if prepare_count > 0 && decision_count + prepare_count > 1 {
+                with_flush_held(this.store.as_ref(), both).await
+            } else {
+                both.await
+            }
         })
         .await
-        .unwrap_or_else(|e| vec![Err((Code::Internal, format!("decision failed: {e}"))); count])
+        .unwrap_or_else(|e| {
+            (
+                vec![Err((Code::Internal, format!("decision failed: {e}"))); decision_count],
+                vec![
+                    PrepareAnswer::refused(Code::Internal, format!("prepare failed: {e}"));
+                    prepare_count
+                ],
+            )
+        })
     }
 
     /// Handles a one-phase commit.

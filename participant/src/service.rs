@@ -98,7 +98,23 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         request: Request<v1::PrepareRequest>,
     ) -> Result<Response<v1::PrepareResponse>, Status> {
         let request = request.into_inner();
+        // The whole request is validated before any entry is acted on: a malformed entry
+        // changes nothing.
         self.check_batch(request.branches.len())?;
+        let mut decisions = Vec::new();
+        for (branches, decision) in [
+            (&request.commits, Decision::Commit),
+            (&request.aborts, Decision::Abort),
+        ] {
+            if !branches.is_empty() {
+                let entries = self.decision_entries(branches)?;
+                decisions.extend(
+                    entries
+                        .into_iter()
+                        .map(|(txn_id, epoch)| (txn_id, epoch, decision)),
+                );
+            }
+        }
         let mut entries = Vec::with_capacity(request.branches.len());
         for branch in request.branches {
             let meta = BranchMeta {
@@ -110,7 +126,8 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
             entries.push((meta, branch.payload));
         }
         let txn_ids: Vec<TxnId> = entries.iter().map(|(meta, _)| meta.txn_id).collect();
-        let answers = self.runtime.prepare_batch(entries).await;
+        let decided: Vec<(TxnId, Decision)> = decisions.iter().map(|d| (d.0, d.2)).collect();
+        let (acks, answers) = self.runtime.decide_then_prepare(decisions, entries).await;
         let results = txn_ids
             .into_iter()
             .zip(answers)
@@ -128,7 +145,22 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
                 }
             })
             .collect();
-        Ok(Response::new(v1::PrepareResponse { results }))
+        let (mut commit_results, mut abort_results) = (Vec::new(), Vec::new());
+        for ((txn_id, decision), result) in decided.into_iter().zip(acks) {
+            let ack = v1::AckResult {
+                txn_id: txn_id.to_vec().into(),
+                error: result.err().map(branch_error),
+            };
+            match decision {
+                Decision::Commit => commit_results.push(ack),
+                Decision::Abort => abort_results.push(ack),
+            }
+        }
+        Ok(Response::new(v1::PrepareResponse {
+            results,
+            commit_results,
+            abort_results,
+        }))
     }
 
     async fn commit(

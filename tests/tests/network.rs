@@ -158,6 +158,7 @@ async fn a_participant_cut_off_after_voting_yes_stays_prepared_then_commits() {
                 payload: payload(vec![add("k", 1, None)]),
                 incarnation: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

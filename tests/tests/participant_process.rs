@@ -31,6 +31,7 @@ async fn prepare(endpoint: &str, txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareR
                 payload: payload(ops),
                 incarnation: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -195,12 +196,13 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
                 payload: payload(vec![put("a", "b")]),
                 incarnation: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let status = client
-        .prepare(v1::PrepareRequest { branches: vec![] })
+        .prepare(v1::PrepareRequest::default())
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -228,6 +230,7 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
                 payload: vec![0xff, 0xff, 0xff].into(),
                 incarnation: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap()

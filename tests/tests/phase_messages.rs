@@ -42,6 +42,7 @@ async fn prepare_at(
                 payload: payload(ops),
                 incarnation: 0,
             }],
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -149,6 +149,7 @@ async fn a_transfer_between_sled_and_postgres_is_atomic_and_a_postgres_no_aborts
             payload: payload(ops),
             incarnation: 0,
         }],
+        ..Default::default()
     };
     let holder = TxnId::generate();
     let first = p2
