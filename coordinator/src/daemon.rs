@@ -70,6 +70,11 @@ pub struct Args {
     pub retry_initial_ms: Option<u64>,
     #[arg(long, env = "RATIFY_COORDINATOR_RETRY_MAX_MS")]
     pub retry_max_ms: Option<u64>,
+    /// How long a decision waits for a Prepare to the same participant to ride on
+    /// before it goes out in a Commit or Abort of its own (milliseconds, 0 to 100;
+    /// default 1; 0: at once).
+    #[arg(long, env = "RATIFY_COORDINATOR_DECISION_LINGER_MS")]
+    pub decision_linger_ms: Option<u64>,
     /// Start a new WAL segment past this size (bytes).
     #[arg(long, env = "RATIFY_COORDINATOR_SEGMENT_BYTES")]
     pub segment_bytes: Option<u64>,
@@ -94,9 +99,14 @@ struct FileConfig {
     max_payload_bytes: Option<usize>,
     retry_initial_ms: Option<u64>,
     retry_max_ms: Option<u64>,
+    decision_linger_ms: Option<u64>,
     segment_bytes: Option<u64>,
     worker_threads: Option<usize>,
 }
+
+/// The longest `decision_linger_ms` accepted: a lingering decision keeps its branches
+/// prepared, their locks held, so a long linger only makes data wait.
+pub const MAX_DECISION_LINGER_MS: u64 = 100;
 
 /// The most async worker threads a daemon accepts.
 pub const MAX_WORKER_THREADS: usize = 1024;
@@ -182,6 +192,16 @@ impl Args {
             );
         }
         let prepare_rpc_timeout = Duration::from_millis(engine.prepare_timeout_ms);
+        let decision_linger = match self.decision_linger_ms.or(file.decision_linger_ms) {
+            Some(ms) => {
+                anyhow::ensure!(
+                    ms <= MAX_DECISION_LINGER_MS,
+                    "decision linger must be at most {MAX_DECISION_LINGER_MS} ms (got {ms})"
+                );
+                Duration::from_millis(ms)
+            }
+            None => RuntimeConfig::default().decision_linger,
+        };
         let limits = Limits {
             max_payload_bytes: self
                 .max_payload_bytes
@@ -203,6 +223,7 @@ impl Args {
             runtime: RuntimeConfig {
                 engine,
                 prepare_rpc_timeout,
+                decision_linger,
                 ..RuntimeConfig::default()
             },
             limits,
@@ -374,6 +395,39 @@ mod tests {
                 .worker_threads,
             Some(1),
             "the flag overrides the file"
+        );
+    }
+
+    #[test]
+    fn decision_linger_comes_from_the_flag_or_the_file_within_its_limit() {
+        assert_eq!(
+            settings(&[]).unwrap().runtime.decision_linger,
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            settings(&["--decision-linger-ms", "0"])
+                .unwrap()
+                .runtime
+                .decision_linger,
+            Duration::ZERO
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("coordinator.toml");
+        std::fs::write(&file, "decision_linger_ms = 5\n").unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            settings(&["--config", file])
+                .unwrap()
+                .runtime
+                .decision_linger,
+            Duration::from_millis(5)
+        );
+        let error = settings(&["--decision-linger-ms", "101"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("decision linger must be at most 100 ms (got 101)"),
+            "{error}"
         );
     }
 

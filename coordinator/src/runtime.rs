@@ -665,6 +665,10 @@ fn spawn_outbound(
     }
     let (prepare, prepare_rx) = mpsc::unbounded_channel::<PrepareItem>();
     let decisions = Arc::new(DecisionQueue::default());
+    // Cleared when the participant answers a Prepare without a word on the decisions it
+    // carried (a participant built before Prepare carried them): from then on its
+    // decisions go alone, and those it ignored are sent again by the engine's retry.
+    let decisions_ride = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let max_batch = config.max_batch;
     let pacing = Pacing {
         max_in_flight: config.max_rpcs_in_flight,
@@ -674,6 +678,7 @@ fn spawn_outbound(
     {
         let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
         let (decisions, counters_here) = (decisions.clone(), counters.clone());
+        let decisions_ride = decisions_ride.clone();
         let timeout = config.prepare_rpc_timeout;
         tokio::spawn(batch_loop(
             counters.clone(),
@@ -684,10 +689,14 @@ fn spawn_outbound(
                 let (channel, events, participant) =
                     (channel.clone(), events.clone(), participant.clone());
                 // Phase two of earlier transactions rides along: no RPC of its own.
-                let (commits, aborts): (Vec<DecisionItem>, Vec<DecisionItem>) = decisions
-                    .take(max_batch)
-                    .into_iter()
-                    .partition(|d| d.commit);
+                let carried = if decisions_ride.load(Ordering::Relaxed) {
+                    decisions.take(max_batch)
+                } else {
+                    Vec::new()
+                };
+                let (commits, aborts): (Vec<DecisionItem>, Vec<DecisionItem>) =
+                    carried.into_iter().partition(|d| d.commit);
+                let decisions_ride = decisions_ride.clone();
                 counters_here
                     .participant_branches
                     .fetch_add((commits.len() + aborts.len()) as u64, Ordering::Relaxed);
@@ -719,6 +728,18 @@ fn spawn_outbound(
                             }
                         }
                     };
+                    if let Ok(r) = &answer
+                        && !(commits.is_empty() && aborts.is_empty())
+                        && r.commit_results.is_empty()
+                        && r.abort_results.is_empty()
+                        && decisions_ride.swap(false, Ordering::Relaxed)
+                    {
+                        warn!(
+                            %participant,
+                            "the participant ignores decisions carried by Prepare; \
+                             sending them in Commit and Abort RPCs of their own"
+                        );
+                    }
                     let mut inputs = ack_inputs(
                         &participant,
                         &commits,
@@ -1141,6 +1162,87 @@ mod tests {
         h.answers.add_permits(1);
         settle(Duration::from_millis(1)).await;
         assert_eq!(h.sent(), vec![vec![1], vec![2, 3, 4]]);
+    }
+
+    /// A `decision_lane` over a queue, recording the batches it sends (answered at once).
+    fn decision_lane_harness(
+        linger: Duration,
+    ) -> (Arc<DecisionQueue>, Arc<std::sync::Mutex<Vec<Vec<TxnId>>>>) {
+        let queue = Arc::new(DecisionQueue::default());
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
+        tokio::spawn(decision_lane(
+            Arc::new(Counters::default()),
+            queue.clone(),
+            linger,
+            256,
+            Pacing {
+                max_in_flight: 4,
+                stalled_after: Duration::from_millis(20),
+            },
+            move |batch: Vec<DecisionItem>| {
+                log.lock()
+                    .unwrap()
+                    .push(batch.iter().map(|d| d.txn).collect());
+                async {}
+            },
+        ));
+        (queue, sent)
+    }
+
+    fn decision(txn: TxnId) -> DecisionItem {
+        DecisionItem {
+            txn,
+            epoch: 1,
+            commit: true,
+        }
+    }
+
+    // Timers tick in whole milliseconds, hence a 10 ms linger in these tests.
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_no_prepare_takes_goes_alone_once_the_linger_is_over() {
+        let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
+        let (a, b) = (TxnId::generate(), TxnId::generate());
+        queue.push(decision(a));
+        settle(Duration::from_millis(5)).await;
+        queue.push(decision(b));
+        assert!(sent.lock().unwrap().is_empty(), "still lingering");
+        settle(Duration::from_millis(7)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![a, b]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_a_prepare_takes_is_not_sent_again_alone() {
+        let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
+        let a = TxnId::generate();
+        queue.push(decision(a));
+        settle(Duration::from_millis(3)).await;
+        // What the prepare lane does when a Prepare leaves.
+        let carried: Vec<TxnId> = queue.take(256).iter().map(|d| d.txn).collect();
+        assert_eq!(carried, vec![a]);
+        // The lane stops lingering for `a`, so the next decision lingers in full rather
+        // than leaving when `a`'s linger would have ended.
+        settle(Duration::from_millis(2)).await;
+        let b = TxnId::generate();
+        queue.push(decision(b));
+        settle(Duration::from_millis(7)).await;
+        assert!(
+            sent.lock().unwrap().is_empty(),
+            "{:?}",
+            sent.lock().unwrap()
+        );
+        settle(Duration::from_millis(5)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![b]], "`a` never goes alone");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_linger_a_decision_goes_at_once() {
+        let (queue, sent) = decision_lane_harness(Duration::ZERO);
+        let a = TxnId::generate();
+        queue.push(decision(a));
+        settle(Duration::from_micros(1)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![a]]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -221,3 +221,115 @@ async fn duplicated_and_out_of_order_prepares_and_decisions() {
     assert_eq!(get(&e, "u").await.0.as_deref(), Some("1"));
     assert!(in_doubt(&e).await.unwrap().is_empty());
 }
+
+/// A Prepare that carries decisions (how the coordinator sends phase two when a Prepare
+/// to the same participant is leaving anyway): each carried decision is answered as a
+/// Commit or Abort of its own would be, and a malformed one refuses the whole call
+/// before anything changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn decisions_carried_by_a_prepare_are_answered_like_commit_and_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path(), &[]);
+    let e = p.endpoint();
+    let (t1, t2, t3, t4, t5) = (
+        TxnId::generate(),
+        TxnId::generate(),
+        TxnId::generate(),
+        TxnId::generate(),
+        TxnId::generate(),
+    );
+    assert_eq!(
+        prepare_at(&e, t1, 1, vec![put("x", "1")])
+            .await
+            .unwrap()
+            .vote(),
+        v1::Vote::Yes
+    );
+    assert_eq!(
+        prepare_at(&e, t2, 1, vec![put("y", "2")])
+            .await
+            .unwrap()
+            .vote(),
+        v1::Vote::Yes
+    );
+    let decision = |txn: TxnId| v1::DecisionBranch {
+        txn_id: txn.to_vec().into(),
+        epoch: 1,
+    };
+    let branch = |txn: TxnId, ops| v1::PrepareBranch {
+        txn_id: txn.to_vec().into(),
+        epoch: 1,
+        payload: payload(ops),
+        incarnation: 0,
+    };
+    let mut client = participant(&e).await.unwrap();
+    let ack_code = |r: &v1::AckResult| {
+        r.error
+            .as_ref()
+            .map_or(tonic::Code::Ok, |e| tonic::Code::from_i32(e.code))
+    };
+
+    // T3 writes the key T1 holds: the carried Commit of T1 goes first and frees it.
+    let response = client
+        .prepare(v1::PrepareRequest {
+            branches: vec![branch(t3, vec![put("x", "3")])],
+            commits: vec![decision(t1)],
+            aborts: vec![decision(t2)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results.len(), 1);
+    assert_eq!(response.results[0].vote(), v1::Vote::Yes, "{response:?}");
+    assert_eq!(response.commit_results.len(), 1);
+    assert_eq!(response.commit_results[0].txn_id, t1.to_vec());
+    assert_eq!(ack_code(&response.commit_results[0]), tonic::Code::Ok);
+    assert_eq!(response.abort_results.len(), 1);
+    assert_eq!(response.abort_results[0].txn_id, t2.to_vec());
+    assert_eq!(ack_code(&response.abort_results[0]), tonic::Code::Ok);
+    assert_eq!(get(&e, "x").await.0.as_deref(), Some("1"));
+    assert_eq!(get(&e, "y").await.0, None);
+    assert_eq!(in_doubt(&e).await.unwrap(), vec![t3]);
+
+    // A carried Commit of the aborted T2 is refused on its own; the Prepare beside it
+    // is not affected.
+    let response = client
+        .prepare(v1::PrepareRequest {
+            branches: vec![branch(t4, vec![put("z", "4")])],
+            commits: vec![decision(t2)],
+            aborts: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.results[0].vote(), v1::Vote::Yes, "{response:?}");
+    assert_eq!(
+        ack_code(&response.commit_results[0]),
+        tonic::Code::FailedPrecondition
+    );
+    assert_eq!(get(&e, "y").await.0, None);
+
+    // A malformed carried decision: the whole call is refused, T5 is not prepared and
+    // T3's carried Commit is not applied.
+    let status = client
+        .prepare(v1::PrepareRequest {
+            branches: vec![branch(t5, vec![put("w", "5")])],
+            commits: vec![
+                decision(t3),
+                v1::DecisionBranch {
+                    txn_id: vec![1, 2, 3].into(),
+                    epoch: 1,
+                },
+            ],
+            aborts: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let mut pending = in_doubt(&e).await.unwrap();
+    pending.sort();
+    let mut expected = vec![t3, t4];
+    expected.sort();
+    assert_eq!(pending, expected);
+    assert_eq!(get(&e, "x").await.0.as_deref(), Some("1"));
+}
