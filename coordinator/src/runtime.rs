@@ -1164,10 +1164,11 @@ mod tests {
         assert_eq!(h.sent(), vec![vec![1], vec![2, 3, 4]]);
     }
 
+    /// The batches a lane sent, each as its transactions.
+    type SentBatches = Arc<std::sync::Mutex<Vec<Vec<TxnId>>>>;
+
     /// A `decision_lane` over a queue, recording the batches it sends (answered at once).
-    fn decision_lane_harness(
-        linger: Duration,
-    ) -> (Arc<DecisionQueue>, Arc<std::sync::Mutex<Vec<Vec<TxnId>>>>) {
+    fn decision_lane_harness(linger: Duration) -> (Arc<DecisionQueue>, SentBatches) {
         let queue = Arc::new(DecisionQueue::default());
         let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = sent.clone();
