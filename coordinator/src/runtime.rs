@@ -31,8 +31,9 @@ pub struct RuntimeConfig {
     pub phase2_rpc_timeout: Duration,
     /// Most branches in one batched RPC to a participant.
     pub max_batch: usize,
-    /// Batched RPCs in flight to one participant at once, per lane (prepares, which
-    /// carry what decisions are queued, and decisions alone), when some
+    /// Batches in flight to one participant at once, per lane (prepares, which carry
+    /// what decisions are queued, and decisions alone, whose batch is a Commit and an
+    /// Abort RPC when it holds both), when some
     /// of them are stalled (see `stalled_rpc_after`). Normally only one is: the next
     /// batch gathers while it is on the wire.
     pub max_rpcs_in_flight: usize,
@@ -185,36 +186,92 @@ struct DecisionItem {
 }
 
 /// Decisions waiting to go to one participant: taken by the next Prepare to it, or
-/// after `decision_linger` by the decision lane.
+/// after `decision_linger` by the decision lane. Urgent ones are the lane's alone, at once.
 #[derive(Default)]
 struct DecisionQueue {
-    items: std::sync::Mutex<std::collections::VecDeque<DecisionItem>>,
-    /// Rung when the queue goes from empty to not empty.
+    items: std::sync::Mutex<QueuedDecisions>,
+    /// Rung when the queue goes from empty to not empty, and when a take leaves some.
     ready: tokio::sync::Notify,
+    /// Rung when an urgent decision comes, so the lane stops lingering.
+    hurry: tokio::sync::Notify,
     /// Rung when a Prepare took everything, so the lane stops lingering.
     emptied: tokio::sync::Notify,
+    /// Set when the participant's `Outbound` is replaced (it moved to a new endpoint):
+    /// the lane sends what is left and ends.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct QueuedDecisions {
+    riding: std::collections::VecDeque<DecisionItem>,
+    urgent: std::collections::VecDeque<DecisionItem>,
+}
+
+impl QueuedDecisions {
+    fn is_empty(&self) -> bool {
+        self.riding.is_empty() && self.urgent.is_empty()
+    }
 }
 
 impl DecisionQueue {
-    fn push(&self, item: DecisionItem) {
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        items.push_back(item);
-        if items.len() == 1 {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueuedDecisions> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, item: DecisionItem, urgent: bool) {
+        let mut items = self.lock();
+        let was_empty = items.is_empty();
+        if urgent {
+            items.urgent.push_back(item);
+        } else {
+            items.riding.push_back(item);
+        }
+        if was_empty {
+            // The lane wakes, sees the urgent one (if this is) and does not linger.
             self.ready.notify_one();
+        } else if urgent {
+            // The lane may be lingering for what is queued already.
+            self.hurry.notify_one();
         }
     }
 
-    /// Up to `max` of the oldest queued decisions.
-    fn take(&self, max: usize) -> Vec<DecisionItem> {
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        let n = items.len().min(max);
-        let taken: Vec<DecisionItem> = items.drain(..n).collect();
+    /// For a Prepare that is leaving: up to `max` of the oldest decisions that may ride.
+    fn take_riding(&self, max: usize) -> Vec<DecisionItem> {
+        let mut items = self.lock();
+        let n = items.riding.len().min(max);
+        let taken: Vec<DecisionItem> = items.riding.drain(..n).collect();
         if items.is_empty() {
             self.emptied.notify_waiters();
         } else {
             self.ready.notify_one();
         }
         taken
+    }
+
+    /// For the lane: up to `max` decisions, urgent ones first.
+    fn take_any(&self, max: usize) -> Vec<DecisionItem> {
+        let mut items = self.lock();
+        let urgent = items.urgent.len().min(max);
+        let mut taken: Vec<DecisionItem> = items.urgent.drain(..urgent).collect();
+        let riding = items.riding.len().min(max - taken.len());
+        taken.extend(items.riding.drain(..riding));
+        if !items.is_empty() {
+            self.ready.notify_one();
+        }
+        taken
+    }
+
+    fn has_urgent(&self) -> bool {
+        !self.lock().urgent.is_empty()
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -224,6 +281,15 @@ struct Outbound {
     channel: Option<Channel>,
     prepare: mpsc::UnboundedSender<PrepareItem>,
     decisions: Arc<DecisionQueue>,
+}
+
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        // The prepare lane ends by itself once its sender is gone; the decision lane is
+        // told, so that it sends what is still queued (every decision taken gets an
+        // acknowledgement or an error, which the engine retries) and ends.
+        self.decisions.close();
+    }
 }
 
 struct Driver<L> {
@@ -461,26 +527,30 @@ impl<L: DecisionLog> Driver<L> {
                     participant,
                     endpoint,
                     epoch,
+                    urgent,
                 } => {
                     let out = self.outbound(&participant, &endpoint);
-                    out.decisions.push(DecisionItem {
+                    let item = DecisionItem {
                         txn,
                         epoch,
                         commit: true,
-                    });
+                    };
+                    out.decisions.push(item, urgent);
                 }
                 Action::SendAbort {
                     txn,
                     participant,
                     endpoint,
                     epoch,
+                    urgent,
                 } => {
                     let out = self.outbound(&participant, &endpoint);
-                    out.decisions.push(DecisionItem {
+                    let item = DecisionItem {
                         txn,
                         epoch,
                         commit: false,
-                    });
+                    };
+                    out.decisions.push(item, urgent);
                 }
                 Action::SendCommitOnePhase {
                     txn,
@@ -690,7 +760,7 @@ fn spawn_outbound(
                     (channel.clone(), events.clone(), participant.clone());
                 // Phase two of earlier transactions rides along: no RPC of its own.
                 let carried = if decisions_ride.load(Ordering::Relaxed) {
-                    decisions.take(max_batch)
+                    decisions.take_riding(max_batch)
                 } else {
                     Vec::new()
                 };
@@ -1048,6 +1118,8 @@ async fn batch_loop<T, F, Fut>(
 
 /// Sends the decisions no Prepare took within `linger` of being queued, paced like
 /// [`batch_loop`]: one Commit and one Abort RPC (each only if it has entries) per batch.
+/// Once the queue is closed it sends what is left (after the linger under way, if any)
+/// and ends.
 async fn decision_lane<F, Fut>(
     counters: Arc<Counters>,
     queue: Arc<DecisionQueue>,
@@ -1061,19 +1133,26 @@ async fn decision_lane<F, Fut>(
 {
     let lane = Lane::new(pacing);
     loop {
-        queue.ready.notified().await;
-        if !linger.is_zero() {
-            let emptied = queue.emptied.notified();
-            tokio::select! {
-                biased;
-                () = emptied => continue,
-                () = tokio::time::sleep(linger) => {}
+        if queue.is_closed() {
+            if queue.lock().is_empty() {
+                return;
+            }
+        } else {
+            queue.ready.notified().await;
+            if !linger.is_zero() && !queue.is_closed() && !queue.has_urgent() {
+                let emptied = queue.emptied.notified();
+                tokio::select! {
+                    biased;
+                    () = emptied => continue,
+                    () = queue.hurry.notified() => {}
+                    () = tokio::time::sleep(linger) => {}
+                }
             }
         }
         let Some(permits) = lane.ready().await else {
             return;
         };
-        let batch = queue.take(max_batch);
+        let batch = queue.take_any(max_batch);
         if batch.is_empty() {
             continue;
         }
@@ -1205,9 +1284,9 @@ mod tests {
     async fn a_decision_no_prepare_takes_goes_alone_once_the_linger_is_over() {
         let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
         let (a, b) = (TxnId::generate(), TxnId::generate());
-        queue.push(decision(a));
+        queue.push(decision(a), false);
         settle(Duration::from_millis(5)).await;
-        queue.push(decision(b));
+        queue.push(decision(b), false);
         assert!(sent.lock().unwrap().is_empty(), "still lingering");
         settle(Duration::from_millis(7)).await;
         assert_eq!(*sent.lock().unwrap(), vec![vec![a, b]]);
@@ -1217,16 +1296,16 @@ mod tests {
     async fn a_decision_a_prepare_takes_is_not_sent_again_alone() {
         let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
         let a = TxnId::generate();
-        queue.push(decision(a));
+        queue.push(decision(a), false);
         settle(Duration::from_millis(3)).await;
         // What the prepare lane does when a Prepare leaves.
-        let carried: Vec<TxnId> = queue.take(256).iter().map(|d| d.txn).collect();
+        let carried: Vec<TxnId> = queue.take_riding(256).iter().map(|d| d.txn).collect();
         assert_eq!(carried, vec![a]);
         // The lane stops lingering for `a`, so the next decision lingers in full rather
         // than leaving when `a`'s linger would have ended.
         settle(Duration::from_millis(2)).await;
         let b = TxnId::generate();
-        queue.push(decision(b));
+        queue.push(decision(b), false);
         settle(Duration::from_millis(7)).await;
         assert!(
             sent.lock().unwrap().is_empty(),
@@ -1238,10 +1317,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_urgent_decision_goes_at_once_and_never_rides() {
+        let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
+        let (a, u, v) = (TxnId::generate(), TxnId::generate(), TxnId::generate());
+        queue.push(decision(a), false);
+        settle(Duration::from_millis(2)).await;
+        // A retry comes while `a` lingers: both leave at once, the urgent one first.
+        queue.push(decision(u), true);
+        settle(Duration::from_millis(1)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![u, a]]);
+        // A Prepare leaving takes none of the urgent ones.
+        queue.push(decision(v), true);
+        assert!(queue.take_riding(256).is_empty());
+        settle(Duration::from_millis(1)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![u, a], vec![v]]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_lane_sends_what_is_left_and_ends() {
+        let (queue, sent) = decision_lane_harness(Duration::from_millis(10));
+        let (a, b) = (TxnId::generate(), TxnId::generate());
+        queue.push(decision(a), false);
+        queue.push(decision(b), false);
+        settle(Duration::from_millis(1)).await;
+        queue.close();
+        settle(Duration::from_millis(12)).await;
+        assert_eq!(*sent.lock().unwrap(), vec![vec![a, b]]);
+        assert_eq!(
+            Arc::strong_count(&queue),
+            1,
+            "the lane ended and let go of the queue"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn with_no_linger_a_decision_goes_at_once() {
         let (queue, sent) = decision_lane_harness(Duration::ZERO);
         let a = TxnId::generate();
-        queue.push(decision(a));
+        queue.push(decision(a), false);
         settle(Duration::from_micros(1)).await;
         assert_eq!(*sent.lock().unwrap(), vec![vec![a]]);
     }

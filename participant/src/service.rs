@@ -101,19 +101,29 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
         // The whole request is validated before any entry is acted on: a malformed entry
         // changes nothing.
         self.check_batch(request.branches.len())?;
-        let mut decisions = Vec::new();
+        let carried = request.commits.len() + request.aborts.len();
+        let max = self.runtime.config().max_batch;
+        if carried > max {
+            return Err(Status::invalid_argument(format!(
+                "{carried} carried decisions exceed the limit of {max}"
+            )));
+        }
+        let mut decisions = Vec::with_capacity(carried);
         for (branches, decision) in [
             (&request.commits, Decision::Commit),
             (&request.aborts, Decision::Abort),
         ] {
-            if !branches.is_empty() {
-                let entries = self.decision_entries(branches)?;
-                decisions.extend(
-                    entries
-                        .into_iter()
-                        .map(|(txn_id, epoch)| (txn_id, epoch, decision)),
-                );
+            for branch in branches {
+                decisions.push((txn_id(&branch.txn_id)?, branch.epoch, decision));
             }
+        }
+        let mut ids: Vec<&TxnId> = decisions.iter().map(|d| &d.0).collect();
+        ids.sort_unstable();
+        if let Some(pair) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Status::invalid_argument(format!(
+                "transaction {} has more than one carried decision",
+                pair[0]
+            )));
         }
         let mut entries = Vec::with_capacity(request.branches.len());
         for branch in request.branches {

@@ -224,8 +224,8 @@ async fn duplicated_and_out_of_order_prepares_and_decisions() {
 
 /// A Prepare that carries decisions (how the coordinator sends phase two when a Prepare
 /// to the same participant is leaving anyway): each carried decision is answered as a
-/// Commit or Abort of its own would be, and a malformed one refuses the whole call
-/// before anything changes.
+/// Commit or Abort of its own would be, and a malformed or duplicated one refuses the
+/// whole call before anything changes.
 #[tokio::test(flavor = "multi_thread")]
 async fn decisions_carried_by_a_prepare_are_answered_like_commit_and_abort() {
     let dir = tempfile::tempdir().unwrap();
@@ -326,6 +326,17 @@ async fn decisions_carried_by_a_prepare_are_answered_like_commit_and_abort() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Two decisions for one transaction: refused the same way.
+    let status = client
+        .prepare(v1::PrepareRequest {
+            branches: vec![branch(t5, vec![put("w", "5")])],
+            commits: vec![decision(t3)],
+            aborts: vec![decision(t3)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("more than one"), "{status:?}");
     let mut pending = in_doubt(&e).await.unwrap();
     pending.sort();
     let mut expected = vec![t3, t4];

@@ -238,17 +238,24 @@ pub enum Action {
         incarnation: u64,
         payload: Bytes,
     },
+    /// A decision for one participant. Unless `urgent`, the driver may hold it briefly
+    /// for a Prepare to the same participant to carry.
     SendCommit {
         txn: TxnId,
         participant: String,
         endpoint: String,
         epoch: u64,
+        /// Send at once and alone: a retry (the last attempt failed or went unanswered,
+        /// perhaps with the Prepare that carried it), or a client waits for phase two.
+        urgent: bool,
     },
     SendAbort {
         txn: TxnId,
         participant: String,
         endpoint: String,
         epoch: u64,
+        /// As for `SendCommit`.
+        urgent: bool,
     },
     SendCommitOnePhase {
         txn: TxnId,
@@ -1115,6 +1122,7 @@ impl Engine {
                     participant: b.participant.clone(),
                     endpoint: b.endpoint.clone(),
                     epoch,
+                    urgent: false,
                 });
             }
             self.txns.insert(txn, t);
@@ -1352,6 +1360,9 @@ impl Engine {
                 "invariant violated: Commit sent for {txn} without every vote YES"
             );
         }
+        // A client waiting for phase two has no next transaction for the decision to
+        // ride with.
+        let urgent = !t.waiting_phase2.is_empty();
         for b in &mut t.branches {
             if !b.voted_yes
                 || !matches!(
@@ -1371,12 +1382,14 @@ impl Engine {
                     participant: b.participant.clone(),
                     endpoint: b.endpoint.clone(),
                     epoch,
+                    urgent,
                 },
                 Decision::Abort => Action::SendAbort {
                     txn,
                     participant: b.participant.clone(),
                     endpoint: b.endpoint.clone(),
                     epoch,
+                    urgent,
                 },
             });
         }
@@ -1623,12 +1636,14 @@ impl Engine {
                             participant: b.participant.clone(),
                             endpoint: b.endpoint.clone(),
                             epoch,
+                            urgent: true,
                         },
                         Some(Decision::Abort) => Action::SendAbort {
                             txn,
                             participant: b.participant.clone(),
                             endpoint: b.endpoint.clone(),
                             epoch,
+                            urgent: true,
                         },
                         None => return,
                     }

@@ -1241,3 +1241,100 @@ fn a_resolution_racing_the_last_ack_is_answered_and_end_follows_it() {
     );
     assert_eq!(e.in_flight(), 0);
 }
+
+/// Whether each decision message may wait for a Prepare to carry it: a first attempt
+/// may, unless the client waits for phase two; a retry never does.
+#[test]
+fn decisions_are_urgent_when_retried_or_when_the_client_waits_for_phase_two() {
+    fn urgency(actions: &[Action]) -> Vec<(String, bool)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendCommit {
+                    participant,
+                    urgent,
+                    ..
+                }
+                | Action::SendAbort {
+                    participant,
+                    urgent,
+                    ..
+                } => Some((participant.clone(), *urgent)),
+                _ => None,
+            })
+            .collect()
+    }
+    let mut e = Engine::new(config(), 1);
+    for (t, wait_for_phase2) in [(id(40), false), (id(41), true)] {
+        begin_with(&mut e, t, &["a", "b"]);
+        e.handle(
+            1,
+            Input::Commit {
+                txn: t,
+                wait_for_phase2,
+                req: ReqId(9),
+            },
+        );
+        vote(&mut e, t, "a", VoteResult::Yes);
+        vote(&mut e, t, "b", VoteResult::Yes);
+        let actions = e.handle(
+            6,
+            Input::Durable {
+                txn: t,
+                what: Durable::CommitDecision,
+            },
+        );
+        assert_eq!(
+            urgency(&actions),
+            [("a".into(), wait_for_phase2), ("b".into(), wait_for_phase2)]
+        );
+    }
+    // The first attempt to `a` fails (say the Prepare that carried it timed out): the
+    // retry goes alone.
+    let t = id(40);
+    let actions = e.handle(
+        7,
+        Input::Ack {
+            txn: t,
+            participant: "a".into(),
+            result: Err("Prepare timed out".into()),
+        },
+    );
+    let at = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ArmTimer {
+                timer: Timer::Retry { .. },
+                at,
+                ..
+            } => Some(*at),
+            _ => None,
+        })
+        .expect("a retry is armed");
+    let actions = e.handle(
+        at,
+        Input::Timer {
+            txn: t,
+            timer: Timer::Retry {
+                participant: "a".into(),
+            },
+        },
+    );
+    assert_eq!(urgency(&actions), [("a".into(), true)]);
+    // An abort's first messages may ride too.
+    let t = id(42);
+    begin_with(&mut e, t, &["a", "b"]);
+    e.handle(
+        1,
+        Input::Commit {
+            txn: t,
+            wait_for_phase2: false,
+            req: ReqId(9),
+        },
+    );
+    let no = VoteResult::No {
+        reason: "conflict".into(),
+    };
+    let actions = vote(&mut e, t, "a", no);
+    assert_eq!(urgency(&actions), [("b".into(), false)], "{actions:?}");
+}
