@@ -798,7 +798,8 @@ fn spawn_outbound(
                             }
                         }
                     };
-                    if let Ok(r) = &answer
+                    let answer = answer.as_ref().map_err(String::as_str);
+                    if let Ok(r) = answer
                         && !(commits.is_empty() && aborts.is_empty())
                         && r.commit_results.is_empty()
                         && r.abort_results.is_empty()
@@ -813,26 +814,17 @@ fn spawn_outbound(
                     let mut inputs = ack_inputs(
                         &participant,
                         &commits,
-                        answer
-                            .as_ref()
-                            .map(|r| r.commit_results.as_slice())
-                            .map_err(String::as_str),
+                        answer.map(|r| r.commit_results.as_slice()),
                     );
                     inputs.extend(ack_inputs(
                         &participant,
                         &aborts,
-                        answer
-                            .as_ref()
-                            .map(|r| r.abort_results.as_slice())
-                            .map_err(String::as_str),
+                        answer.map(|r| r.abort_results.as_slice()),
                     ));
                     inputs.extend(vote_inputs(
                         &participant,
                         txns,
-                        answer
-                            .as_ref()
-                            .map(|r| r.results.as_slice())
-                            .map_err(String::as_str),
+                        answer.map(|r| r.results.as_slice()),
                     ));
                     let _ = events.send(Command::Events(inputs));
                 }
