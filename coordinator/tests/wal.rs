@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use futures::executor::block_on;
+use ratify_coordinator::log::frame::{self, HEADER_LEN};
 use ratify_coordinator::log::wal::{OpenError, Wal, WalOptions};
 use ratify_coordinator::log::{Decision, DecisionLog, LogParticipant, LogRecord};
 use ratify_proto::TxnId;
@@ -47,6 +48,13 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     list
 }
 
+/// Where the frames of a segment end (the file goes on with zero-filled space).
+fn written_len(path: &Path) -> u64 {
+    let scan = frame::scan_segment(&std::fs::read(path).unwrap()).unwrap();
+    assert_eq!(scan.damage, None);
+    scan.valid_len as u64
+}
+
 /// Writes `n` records, one forced append each (one frame each); returns each frame's end.
 fn write_log(dir: &Path, n: u64) -> Vec<u64> {
     let wal = Wal::open(dir, WalOptions::default()).unwrap();
@@ -54,7 +62,7 @@ fn write_log(dir: &Path, n: u64) -> Vec<u64> {
     let mut ends = Vec::new();
     for i in 0..n {
         block_on(wal.append(vec![decision(i)])).unwrap();
-        ends.push(std::fs::metadata(&path).unwrap().len());
+        ends.push(written_len(&path));
     }
     ends
 }
@@ -193,11 +201,28 @@ fn truncating_the_last_record_at_every_offset_recovers_the_exact_prefix() {
     let dir = tempfile::tempdir().unwrap();
     let ends = write_log(dir.path(), 5);
     let path = segments(dir.path()).pop().unwrap();
-    let original = std::fs::read(&path).unwrap();
+    // A smaller chunk than the default keeps the hundreds of reopens below quick.
+    let options = WalOptions {
+        preallocate_bytes: 16 << 10,
+        ..WalOptions::default()
+    };
+    let preallocated = std::fs::read(&path).unwrap();
+    assert!(
+        preallocated.len() as u64 > ends[4],
+        "the segment is zero-filled ahead of its last frame"
+    );
+    let original = &preallocated[..ends[4] as usize];
     let last_start = ends[3] as usize;
-    for cut in last_start..original.len() {
-        std::fs::write(&path, &original[..cut]).unwrap();
-        let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    // Cut at every offset of the last frame, as a torn append leaves it, and as a torn
+    // write into zero-filled space does (the rest of the frame still zeros).
+    let cuts = (last_start..original.len()).flat_map(|cut| [(cut, false), (cut, true)]);
+    for (cut, zero_filled) in cuts {
+        let mut bytes = original[..cut].to_vec();
+        if zero_filled {
+            bytes.resize(original.len() + (16 << 10), 0);
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let wal = Wal::open(dir.path(), options.clone()).unwrap();
         let records = wal.take_recovered();
         assert_eq!(
             records,
@@ -211,6 +236,75 @@ fn truncating_the_last_record_at_every_offset_recovers_the_exact_prefix() {
         assert_eq!(records.len(), 5, "cut at {cut}");
         assert_eq!(records[4], decision(99));
     }
+}
+
+#[test]
+fn frames_overwrite_zero_filled_space_and_only_the_last_segment_may_end_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        segment_bytes: 4096,
+        preallocate_bytes: 1024,
+        ..WalOptions::default()
+    };
+    let wal = Wal::open(dir.path(), options.clone()).unwrap();
+    block_on(wal.append(vec![decision(0)])).unwrap();
+    let path = segments(dir.path()).pop().unwrap();
+    let file_len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(
+        file_len,
+        written_len(&path) + 1024,
+        "a chunk is zero-filled after the first frame"
+    );
+    block_on(wal.append(vec![decision(1)])).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        file_len,
+        "the second frame went into the zero-filled space"
+    );
+    drop(wal);
+
+    // Reopened, it goes on after the last frame, not after the zeros.
+    let wal = Wal::open(dir.path(), options.clone()).unwrap();
+    assert_eq!(wal.take_recovered(), vec![decision(0), decision(1)]);
+    block_on(wal.append(vec![decision(2)])).unwrap();
+    // Enough to start more segments; each earlier one is cut to its last frame.
+    for i in 3..200 {
+        block_on(wal.append(vec![decision(i)])).unwrap();
+    }
+    drop(wal);
+    let all = segments(dir.path());
+    assert!(all.len() >= 3, "{all:?}");
+    for path in &all[..all.len() - 1] {
+        let bytes = std::fs::read(path).unwrap();
+        let scan = frame::scan_segment(&bytes).unwrap();
+        assert_eq!(
+            (scan.valid_len, scan.zero_tail, scan.damage),
+            (bytes.len(), 0, None),
+            "{}",
+            path.display()
+        );
+    }
+    assert_eq!(
+        replay(dir.path()).unwrap(),
+        (0..200).map(decision).collect::<Vec<_>>()
+    );
+
+    // Zeros at the end of an earlier segment are lost frames, not preallocated space.
+    let first = &all[0];
+    let mut bytes = std::fs::read(first).unwrap();
+    let last_frame = (HEADER_LEN..bytes.len() - 1)
+        .rev()
+        .find(|&end| frame::scan_segment(&bytes[..end]).unwrap().damage.is_none())
+        .unwrap();
+    bytes[last_frame..].fill(0);
+    std::fs::write(first, &bytes).unwrap();
+    let error = replay(dir.path()).unwrap_err();
+    assert!(
+        matches!(error, OpenError::Corrupt { .. })
+            && error.to_string().contains(&first.display().to_string())
+            && error.to_string().contains("not the last"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -260,7 +354,13 @@ fn damage_before_the_tail_refuses_to_start_naming_file_and_offset() {
     std::fs::write(&path, &bytes).unwrap();
     assert!(matches!(replay(dir.path()), Err(OpenError::Corrupt { .. })));
 
-    // Garbage appended after the last record is a torn tail: cut off, nothing lost.
+    // Garbage written after the last record, into the zero-filled space or past it, is
+    // a torn tail: cut off, nothing lost.
+    let mut bytes = original.clone();
+    let at = ends[49] as usize;
+    bytes[at..at + 10].copy_from_slice(b"not frames");
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(replay(dir.path()).unwrap().len(), 50);
     let mut bytes = original.clone();
     bytes.extend_from_slice(b"garbage that is not a frame at all");
     std::fs::write(&path, &bytes).unwrap();

@@ -5,6 +5,13 @@
 //! of those 12 bytes u32 LE) followed by frames. A frame is `[len u32 LE][crc32c(payload)
 //! u32 LE][payload]`. Frames are only ever appended, so a torn write can only damage the
 //! last frame of the last segment; anything else is corruption.
+//!
+//! A writer may zero-fill space ahead of its last frame (preallocation: overwriting
+//! blocks already written makes an fdatasync cheaper than growing the file does). Where
+//! the bytes left are all zero, a scan ends cleanly and reports them as
+//! [`FrameScan::zero_tail`]; a zero header followed by anything else is damage like any
+//! other. A writer that preallocates keeps at most one frame unsynced at a time, so that
+//! a torn write still damages only the last frame.
 
 pub const HEADER_LEN: usize = 16;
 pub const FRAME_HEADER_LEN: usize = 8;
@@ -69,6 +76,9 @@ pub struct FrameScan {
     /// Bytes up to the end of the last valid frame.
     pub valid_len: usize,
     pub damage: Option<Damage>,
+    /// Zero bytes from `valid_len` to the end (preallocated space no frame reached yet).
+    /// Only the segment a writer was writing may end in such space.
+    pub zero_tail: usize,
 }
 
 enum Frame<'a> {
@@ -115,6 +125,13 @@ fn read_frame(bytes: &[u8], offset: usize) -> Frame<'_> {
 pub fn scan_frames(bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<(), String>) -> FrameScan {
     let mut offset = HEADER_LEN.min(bytes.len());
     while offset < bytes.len() {
+        if bytes[offset..].iter().all(|&b| b == 0) {
+            return FrameScan {
+                valid_len: offset,
+                damage: None,
+                zero_tail: bytes.len() - offset,
+            };
+        }
         match read_frame(bytes, offset) {
             Frame::Valid { payload, end } => {
                 if let Err(why) = decode(payload) {
@@ -125,6 +142,7 @@ pub fn scan_frames(bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<(), Str
                             why: format!("checksum holds but {why}"),
                             torn_tail: false,
                         }),
+                        zero_tail: 0,
                     };
                 }
                 offset = end;
@@ -146,6 +164,7 @@ pub fn scan_frames(bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<(), Str
                         why,
                         torn_tail,
                     }),
+                    zero_tail: 0,
                 };
             }
         }
@@ -153,5 +172,85 @@ pub fn scan_frames(bytes: &[u8], mut decode: impl FnMut(&[u8]) -> Result<(), Str
     FrameScan {
         valid_len: offset,
         damage: None,
+        zero_tail: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAGIC: &[u8; 8] = b"RATIFYXX";
+
+    /// A segment of `n` frames; returns it and each frame's end.
+    fn segment(n: u8) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = segment_header(MAGIC, 1).to_vec();
+        let mut ends = Vec::new();
+        for i in 0..n {
+            encode_frame(&[i + 1; 40], &mut bytes);
+            ends.push(bytes.len());
+        }
+        (bytes, ends)
+    }
+
+    fn scan_all(bytes: &[u8]) -> (FrameScan, usize) {
+        let mut frames = 0;
+        let scan = scan_frames(bytes, |_| {
+            frames += 1;
+            Ok(())
+        });
+        (scan, frames)
+    }
+
+    #[test]
+    fn a_zero_filled_tail_ends_a_scan_cleanly() {
+        let (mut bytes, ends) = segment(3);
+        bytes.resize(bytes.len() + 4096, 0);
+        let (scan, frames) = scan_all(&bytes);
+        assert_eq!(frames, 3);
+        assert_eq!(scan.damage, None);
+        assert_eq!(scan.valid_len, ends[2]);
+        assert_eq!(scan.zero_tail, 4096);
+
+        // Preallocated but nothing written yet.
+        let mut empty = segment_header(MAGIC, 1).to_vec();
+        empty.resize(HEADER_LEN + 100, 0);
+        let (scan, frames) = scan_all(&empty);
+        assert_eq!(
+            (frames, scan.valid_len, scan.zero_tail),
+            (0, HEADER_LEN, 100)
+        );
+        assert_eq!(scan.damage, None);
+    }
+
+    #[test]
+    fn a_frame_torn_inside_zeroed_space_is_a_torn_tail() {
+        let (mut bytes, ends) = segment(3);
+        bytes.resize(bytes.len() + 4096, 0);
+        // The last frame's payload only partly reached the disk.
+        let mut torn = bytes.clone();
+        torn[ends[1] + 30..ends[2]].fill(0);
+        let (scan, frames) = scan_all(&torn);
+        assert_eq!(frames, 2);
+        let damage = scan.damage.unwrap();
+        assert!(damage.torn_tail && damage.offset == ends[1], "{damage:?}");
+        assert_eq!(scan.zero_tail, 0);
+        // Its header did not, but a later part did.
+        let mut torn = bytes.clone();
+        torn[ends[1]..ends[1] + 20].fill(0);
+        let damage = scan_all(&torn).0.damage.unwrap();
+        assert!(damage.torn_tail && damage.offset == ends[1], "{damage:?}");
+    }
+
+    #[test]
+    fn zeros_before_a_valid_frame_are_corruption_not_a_tail() {
+        let (mut bytes, ends) = segment(3);
+        bytes.resize(bytes.len() + 4096, 0);
+        bytes[ends[0]..ends[1]].fill(0);
+        let (scan, frames) = scan_all(&bytes);
+        assert_eq!(frames, 1);
+        let damage = scan.damage.unwrap();
+        assert_eq!(damage.offset, ends[0]);
+        assert!(!damage.torn_tail, "{damage:?}");
     }
 }

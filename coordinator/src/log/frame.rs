@@ -2,8 +2,9 @@
 //!
 //! A segment is a 16-byte header (magic `RATIFYWL`, format u32 LE, CRC32C of those 12
 //! bytes u32 LE) followed by frames. A frame is `[len u32 LE][crc32c(payload) u32 LE]
-//! [payload]`, where the payload is one `ratify.v1.WalBatch` (one group commit). A torn
-//! write can therefore only damage the last frame of the last segment.
+//! [payload]`, where the payload is one `ratify.v1.WalBatch` (one group commit). The last
+//! segment may end in zero-filled space the writer preallocated. A torn write can only
+//! damage the last frame of the last segment.
 
 use prost::Message;
 use ratify_proto::frame as framing;
@@ -38,6 +39,8 @@ pub struct Scan {
     /// Bytes up to the end of the last valid frame.
     pub valid_len: usize,
     pub damage: Option<Damage>,
+    /// Zero bytes after `valid_len`: preallocated space no frame reached yet.
+    pub zero_tail: usize,
 }
 
 /// Checks a segment header.
@@ -72,6 +75,7 @@ pub fn scan_segment(bytes: &[u8]) -> Result<Scan, String> {
         records,
         valid_len: scan.valid_len,
         damage: scan.damage,
+        zero_tail: scan.zero_tail,
     })
 }
 

@@ -7,6 +7,14 @@
 //! - `wal-<seq>.log`: segments, `seq` contiguous; a new one starts when the current one
 //!   passes `segment_bytes`, and segments whose transactions have all ended are removed.
 //!
+//! The current segment is zero-filled ahead of its last frame, a chunk at a time
+//! ([`WalOptions::preallocate_bytes`]), and frames overwrite that space: an fdatasync of
+//! bytes written over written blocks changes no metadata, so it costs a data flush and no
+//! filesystem journal commit (on ext4 about 50 µs less of the ~200 µs this machine's
+//! fdatasync takes after an append). Every batch is one frame, synced before the next is
+//! written, so a torn write still damages only the last frame; a segment is cut to its
+//! last frame when the next one starts, so only the last segment ends in zeros.
+//!
 //! Unforced records (ENDs) wait in memory, at most [`WalOptions::unforced_linger`], for a
 //! forced one to share its write and fdatasync: a transaction's END then costs no fsync
 //! of its own, and at low load the disk is not busy with one while the next transaction's
@@ -19,6 +27,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -39,6 +48,9 @@ pub struct WalOptions {
     /// How long an unforced record may wait for a forced one to share its write and
     /// fdatasync before it is written and synced on its own.
     pub unforced_linger: Duration,
+    /// Zero-filled space kept ahead of the last frame, topped up a chunk of this size at a
+    /// time (never past `segment_bytes`). 0: frames are appended to a growing file.
+    pub preallocate_bytes: u64,
 }
 
 impl Default for WalOptions {
@@ -46,6 +58,7 @@ impl Default for WalOptions {
         Self {
             segment_bytes: 64 << 20,
             unforced_linger: Duration::from_millis(100),
+            preallocate_bytes: 1 << 20,
         }
     }
 }
@@ -190,7 +203,10 @@ struct Writer {
     options: WalOptions,
     file: File,
     seq: u64,
+    /// Where the next frame goes: the end of the last frame.
     len: u64,
+    /// The file's length: `len` plus the zero-filled space ahead of it.
+    allocated: u64,
     /// Segments on disk, oldest first.
     segments: Vec<u64>,
     /// Transactions with a record and no END yet -> the oldest segment holding one.
@@ -241,6 +257,7 @@ impl Wal {
         let mut live: HashMap<TxnId, u64> = HashMap::new();
         let last = segments.last().copied();
         let mut tail_len = 0u64;
+        let mut tail_allocated = 0u64;
         for &seq in &segments {
             let path = segment_path(dir, seq);
             let bytes = fs::read(&path).map_err(io_err(&path))?;
@@ -252,6 +269,7 @@ impl Wal {
                     warn!(path = %path.display(), %why, "rewriting the header of an empty last segment");
                     drop(create_segment(dir, seq)?);
                     tail_len = HEADER_LEN as u64;
+                    tail_allocated = HEADER_LEN as u64;
                     continue;
                 }
                 Err(why) => {
@@ -262,6 +280,17 @@ impl Wal {
                     });
                 }
             };
+            if scan.zero_tail > 0 && !is_last {
+                // A segment is cut to its last frame before the next one starts.
+                return Err(OpenError::Corrupt {
+                    path,
+                    offset: scan.valid_len,
+                    why: format!(
+                        "{} zero bytes end a segment that is not the last",
+                        scan.zero_tail
+                    ),
+                });
+            }
             if let Some(damage) = &scan.damage {
                 if !(is_last && damage.torn_tail) {
                     return Err(OpenError::Corrupt {
@@ -286,6 +315,9 @@ impl Wal {
                 file.set_len(scan.valid_len as u64).map_err(io_err(&path))?;
                 file.sync_all().map_err(io_err(&path))?;
             }
+            if is_last {
+                tail_allocated = (scan.valid_len + scan.zero_tail) as u64;
+            }
             for record in &scan.records {
                 track(&mut live, record, seq);
             }
@@ -296,18 +328,19 @@ impl Wal {
         }
 
         let epoch = bump_epoch(dir)?;
-        let (seq, file, len) = match last {
+        let (seq, file, len, allocated) = match last {
             Some(seq) => {
                 let path = segment_path(dir, seq);
                 let file = OpenOptions::new()
-                    .append(true)
+                    .write(true)
                     .open(&path)
                     .map_err(io_err(&path))?;
-                (seq, file, tail_len)
+                (seq, file, tail_len, tail_allocated)
             }
             None => {
                 segments.push(1);
-                (1, create_segment(dir, 1)?, HEADER_LEN as u64)
+                let header = HEADER_LEN as u64;
+                (1, create_segment(dir, 1)?, header, header)
             }
         };
         info!(
@@ -328,6 +361,7 @@ impl Wal {
             file,
             seq,
             len,
+            allocated,
             segments,
             live,
             counters: counters.clone(),
@@ -439,6 +473,48 @@ impl Writer {
                 let _ = done.send(result.clone().map_err(LogError::Failed));
             }
         }
+        // After the answers, so that no waiter pays for it.
+        if result.is_ok()
+            && let Err(message) = self.top_up()
+        {
+            *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
+        }
+    }
+
+    /// Zero-fills another chunk ahead of the last frame once less than half a chunk is
+    /// left, up to `segment_bytes`. The zeros are synced here, so the file's length is
+    /// durable before frames overwrite them and their fdatasyncs change no metadata.
+    fn top_up(&mut self) -> Result<(), String> {
+        let chunk = self.options.preallocate_bytes;
+        let limit = self.options.segment_bytes.max(HEADER_LEN as u64);
+        if chunk == 0 || self.allocated >= limit || self.allocated - self.len >= chunk / 2 {
+            return Ok(());
+        }
+        let from = self.allocated.max(self.len);
+        let to = (from + chunk).min(limit);
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(zeros.len() as u64);
+            if let Err(e) = self.file.write_all_at(&zeros[..n as usize], at) {
+                // Out of space, most likely. Nothing acknowledged is at stake: cut the
+                // partial zeros off and keep appending as without preallocation.
+                warn!(segment = self.seq, error = %e, "preallocating the decision log failed; appending instead");
+                self.file
+                    .set_len(self.len)
+                    .map_err(|e| format!("truncating segment {}: {e}", self.seq))?;
+                self.allocated = self.len;
+                self.options.preallocate_bytes = 0;
+                return Ok(());
+            }
+            at += n;
+        }
+        // A failed fdatasync poisons the log, as in `sync`.
+        self.file
+            .sync_data()
+            .map_err(|e| format!("fdatasync of segment {} failed: {e}", self.seq))?;
+        self.allocated = to;
+        Ok(())
     }
 
     fn write_batch(&mut self, batch: &[Request]) -> Result<(), String> {
@@ -454,42 +530,29 @@ impl Writer {
             .iter()
             .flat_map(|r| r.records.iter().cloned())
             .collect();
-        let mut buf = Vec::new();
         // One frame per group commit, split only if it would pass the frame limit.
+        let mut frames = Vec::new();
         let mut chunk_start = 0;
         let mut chunk_bytes = 0;
         for (i, record) in records.iter().enumerate() {
             let size = approximate_size(record);
             if chunk_bytes + size > frame::MAX_FRAME_LEN / 2 && i > chunk_start {
+                let mut buf = Vec::new();
                 frame::encode_frame(&records[chunk_start..i], &mut buf);
+                frames.push(buf);
                 chunk_start = i;
                 chunk_bytes = 0;
             }
             chunk_bytes += size;
         }
         if chunk_start < records.len() {
+            let mut buf = Vec::new();
             frame::encode_frame(&records[chunk_start..], &mut buf);
+            frames.push(buf);
         }
-        #[cfg(feature = "failpoints")]
-        if let Some(argument) = fail::eval("coordinator::wal::torn_write", |a| a) {
-            if argument.as_deref() == Some("pause") {
-                crate::crash::pause("coordinator::wal::torn_write");
-            } else {
-                // Crash with half of this batch written (C4: a torn decision record).
-                eprintln!("crash point coordinator::wal::torn_write: abort");
-                let _ = self.file.write_all(&buf[..buf.len() / 2]);
-                let _ = self.file.sync_data();
-                std::process::abort()
-            }
+        for buf in &frames {
+            self.write_frame(buf)?;
         }
-        self.file
-            .write_all(&buf)
-            .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
-        // Every batch is synced, waited for or not: then a valid frame on disk always
-        // follows durable ones, so damage before a valid frame is corruption, never a
-        // reordered write-back of unsynced pages after a power loss.
-        self.sync()?;
-        self.len += buf.len() as u64;
         self.counters
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -504,9 +567,38 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes one frame after the last and syncs it.
+    fn write_frame(&mut self, buf: &[u8]) -> Result<(), String> {
+        #[cfg(feature = "failpoints")]
+        if let Some(argument) = fail::eval("coordinator::wal::torn_write", |a| a) {
+            if argument.as_deref() == Some("pause") {
+                crate::crash::pause("coordinator::wal::torn_write");
+            } else {
+                // Crash with half of this batch written (C4: a torn decision record).
+                eprintln!("crash point coordinator::wal::torn_write: abort");
+                let _ = self.file.write_all_at(&buf[..buf.len() / 2], self.len);
+                let _ = self.file.sync_data();
+                std::process::abort()
+            }
+        }
+        // At the end of the last frame: into zero-filled space, or past the file's end.
+        self.file
+            .write_all_at(buf, self.len)
+            .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
+        // Every frame is synced before the next is written, waited for or not: then a
+        // valid frame on disk always follows durable ones, so damage before a valid frame
+        // is corruption, never a torn or reordered write-back of unsynced pages after a
+        // power loss. (Overwriting zero-filled space, unlike appending, gives no
+        // all-or-nothing from the filesystem: only this rule keeps a tear to one frame.)
+        self.sync()?;
+        self.len += buf.len() as u64;
+        self.allocated = self.allocated.max(self.len);
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<(), String> {
         let started = Instant::now();
-        // fdatasync: the appended bytes (and the file size) are durable on return. Any
+        // fdatasync: the written bytes (and the file size) are durable on return. Any
         // failure poisons the log: after a failed fsync the kernel may have dropped the
         // dirty pages, so retrying and going on would acknowledge lost records.
         self.file
@@ -522,10 +614,19 @@ impl Writer {
         // Everything in the old segment (ENDs included) is durable before any segment is
         // removed because of it.
         self.sync()?;
+        // Its zero-filled space is cut off, durably, before the next segment exists: only
+        // the last segment may end in zeros (recovery refuses any other that does).
+        if self.allocated > self.len {
+            self.file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_all())
+                .map_err(|e| format!("cutting segment {} to its last frame: {e}", self.seq))?;
+        }
         let next = self.seq + 1;
         self.file = create_segment(&self.dir, next).map_err(|e| e.to_string())?;
         self.seq = next;
         self.len = HEADER_LEN as u64;
+        self.allocated = self.len;
         self.segments.push(next);
         let keep_from = self.live.values().copied().min().unwrap_or(next).min(next);
         crash_point!("coordinator::wal::checkpoint");
