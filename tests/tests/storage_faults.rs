@@ -154,17 +154,23 @@ async fn a_coordinator_with_a_damaged_log_refuses_to_start_naming_the_damage() {
     );
 }
 
-/// The largest journal segment of a participant's data directory and its size.
-fn largest_journal_segment(data_dir: &Path) -> Option<(PathBuf, u64)> {
+/// The journal segment of a participant's data directory with the most frames (each the
+/// records of one write), and how many it has.
+fn largest_journal_segment(data_dir: &Path) -> Option<(PathBuf, usize)> {
     std::fs::read_dir(data_dir.join("journal"))
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
         .map(|p| {
-            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            (p, len)
+            let bytes = std::fs::read(&p).unwrap_or_default();
+            let mut frames = 0;
+            ratify_proto::frame::scan_frames(&bytes, |_| {
+                frames += 1;
+                Ok(())
+            });
+            (p, frames)
         })
-        .max_by_key(|(_, len)| *len)
+        .max_by_key(|(_, frames)| *frames)
 }
 
 /// A participant journal damaged before its tail: the participant process refuses to
@@ -180,7 +186,7 @@ async fn a_participant_with_a_damaged_journal_refuses_to_start_naming_the_damage
     let bank = stack.open_bank(2).await;
     let data_dir = stack.dir.path().join("p2");
     // A checkpoint (once a second) starts a fresh segment: kill the participant while the
-    // workload runs, and again until a segment holds a few hundred bytes of records.
+    // workload runs, and again until a segment holds a few frames.
     let mut segment = None;
     for _ in 0..10 {
         let workload = Workload::spawn(bank.clone(), 4, 3, None);
@@ -191,8 +197,8 @@ async fn a_participant_with_a_damaged_journal_refuses_to_start_naming_the_damage
         }
         stack.participants[1].kill9();
         workload.finish().await;
-        if let Some((path, len)) = largest_journal_segment(&data_dir)
-            && len > 400
+        if let Some((path, frames)) = largest_journal_segment(&data_dir)
+            && frames >= 3
         {
             segment = Some(path);
             break;
@@ -201,8 +207,9 @@ async fn a_participant_with_a_damaged_journal_refuses_to_start_naming_the_damage
     }
     let segment = segment.expect("a journal segment holding records");
     let mut bytes = std::fs::read(&segment).unwrap();
-    // Zero a run of bytes a third of the way in: well before the tail.
-    let at = bytes.len() / 3;
+    // Zero a run of bytes in the first frame (the records of the first write), well
+    // before the tail: frames follow it.
+    let at = ratify_proto::frame::HEADER_LEN + 4;
     bytes[at..at + 16].fill(0);
     std::fs::write(&segment, &bytes).unwrap();
     let error = tokio::task::block_in_place(|| stack.participants[1].try_restart(&[]))

@@ -3,9 +3,20 @@
 //! never flushed on the hot path.
 //!
 //! Files under `<data-dir>/journal/`: `journal-<seq>.log`, `seq` contiguous, in the
-//! framing of [`ratify_proto::frame`] (magic `RATIFYPJ`); each frame holds one
-//! [`JournalRecord`]. One thread writes every waiting record with one `write` and one
-//! `fdatasync` and then answers the waiters whose records were forced.
+//! framing of [`ratify_proto::frame`] (magic `RATIFYPJ`). In format 2 each frame holds
+//! one batch of [`JournalRecord`]s (a `JournalBatch`); format 1, written by earlier
+//! builds, held one record per frame and is still read. One thread writes every waiting
+//! record as one frame with one `write` and one `fdatasync`, and then answers the
+//! waiters whose records were forced.
+//!
+//! Frames overwrite zero-filled space kept ahead of the last one (see
+//! [`PREALLOCATE_BYTES`]): an fdatasync of bytes written over written blocks changes no
+//! metadata, so it costs no filesystem journal commit (on ext4 about 50 µs less than an
+//! append's). Unlike an append, such a write is not all-or-nothing after a power loss, so
+//! the writer keeps at most one frame unsynced at a time (a batch too large for one frame
+//! is written and synced frame by frame): a torn write still damages only the last frame.
+//! A segment is cut to its last frame before the next one starts, so only the last
+//! segment may end in zeros.
 //!
 //! A checkpoint (see [`super::SledStore`]) starts a new segment whose first record is a
 //! snapshot of the prepared branches, flushes sled, and then removes the older segments:
@@ -17,6 +28,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,7 +51,14 @@ pub struct FlushStats {
 }
 
 const MAGIC: &[u8; 8] = b"RATIFYPJ";
-const FORMAT: u32 = 1;
+/// The format written: a frame holds a `JournalBatch`.
+const FORMAT: u32 = 2;
+/// The format earlier builds wrote: a frame holds one `JournalRecord`. Still read.
+const FORMAT_ONE_RECORD_PER_FRAME: u32 = 1;
+/// Zero-filled space kept ahead of the last frame, topped up by this much at a time once
+/// less than half of it is left. Segments last about a second (a checkpoint starts the
+/// next), so this is small: filling it costs the writer about 1 ms.
+const PREALLOCATE_BYTES: u64 = 256 << 10;
 /// How long a record that nobody waits for (an abort) may sit before it is written.
 const UNFORCED_LINGER: Duration = Duration::from_millis(100);
 /// How long a [`Force::Soon`] record may wait for a [`Force::Now`] one to share its
@@ -72,7 +91,7 @@ const KIND_SNAPSHOT: u32 = 4;
 /// The largest prepared branch the journal takes (its encoded record); a branch over it
 /// votes NO. Half the frame limit, so any record fits a frame.
 pub(super) const MAX_RECORD_BYTES: usize = frame::MAX_FRAME_LEN / 2;
-/// A snapshot is split into frames of about this size (each holds whole branches).
+/// A snapshot is split into records of about this size (each holds whole branches).
 const SNAPSHOT_FRAME_BYTES: usize = 4 << 20;
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -89,6 +108,14 @@ struct JournalRecord {
     /// missing was never durable as a whole (and the segments before it were kept).
     #[prost(bool, tag = "5")]
     snapshot_complete: bool,
+}
+
+/// A format-2 frame's payload: the records one write carried. Its encoding is the
+/// concatenation of each record as field 1, which is how [`Entry::encode`] builds it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct JournalBatch {
+    #[prost(message, repeated, tag = "1")]
+    records: Vec<JournalRecord>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -119,17 +146,53 @@ enum Decoded {
     },
 }
 
-fn push_frame(record: &JournalRecord, out: &mut Vec<u8>) {
-    frame::encode_frame(&record.encode_to_vec(), out);
+/// Appends `record` as one element of a `JournalBatch`.
+fn push_record(record: &JournalRecord, out: &mut Vec<u8>) {
+    prost::encoding::message::encode(1, record, out);
+}
+
+/// Splits concatenated `JournalBatch` elements into frames of whole records, each
+/// payload at most half the frame limit unless a single record is larger.
+fn frames_of(records: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    while at < records.len() {
+        let mut rest = &records[at..];
+        let before = rest.len();
+        prost::encoding::decode_key(&mut rest)
+            .and_then(|_| prost::encoding::decode_varint(&mut rest))
+            .ok()
+            .and_then(|len| usize::try_from(len).ok())
+            .filter(|len| *len <= rest.len())
+            .map(|len| {
+                let end = at + (before - rest.len()) + len;
+                if end - start > frame::MAX_FRAME_LEN / 2 && at > start {
+                    let mut out = Vec::new();
+                    frame::encode_frame(&records[start..at], &mut out);
+                    frames.push(out);
+                    start = at;
+                }
+                at = end;
+            })
+            .ok_or("a queued journal record does not parse")?;
+    }
+    if at > start {
+        let mut out = Vec::new();
+        frame::encode_frame(&records[start..at], &mut out);
+        frames.push(out);
+    }
+    Ok(frames)
 }
 
 impl Entry {
-    /// The frames holding this entry: one, or for a snapshot as many as its size needs.
-    /// A Prepared record is at most [`MAX_RECORD_BYTES`] (the store checks before).
+    /// This entry's records, each encoded as an element of a `JournalBatch`: one, or for a
+    /// snapshot as many as its size needs. A Prepared record is at most
+    /// [`MAX_RECORD_BYTES`] (the store checks before).
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
-            Entry::Prepared(txn_id, record) => push_frame(
+            Entry::Prepared(txn_id, record) => push_record(
                 &JournalRecord {
                     kind: KIND_PREPARED,
                     txn_id: txn_id.as_bytes().to_vec(),
@@ -138,7 +201,7 @@ impl Entry {
                 },
                 &mut out,
             ),
-            Entry::Decided(txn_id, finished_as) => push_frame(
+            Entry::Decided(txn_id, finished_as) => push_record(
                 &JournalRecord {
                     kind: match finished_as {
                         FinishedAs::Committed => KIND_COMMITTED,
@@ -162,13 +225,13 @@ impl Entry {
                     if !part.snapshot.is_empty()
                         && part.encoded_len() + entry.encoded_len() > SNAPSHOT_FRAME_BYTES
                     {
-                        push_frame(&part, &mut out);
+                        push_record(&part, &mut out);
                         part.snapshot.clear();
                     }
                     part.snapshot.push(entry);
                 }
                 part.snapshot_complete = true;
-                push_frame(&part, &mut out);
+                push_record(&part, &mut out);
             }
         }
         out
@@ -176,9 +239,22 @@ impl Entry {
 }
 
 impl Decoded {
-    fn decode(payload: &[u8]) -> Result<Self, String> {
-        let record =
-            JournalRecord::decode(payload).map_err(|e| format!("undecodable record: {e}"))?;
+    /// The records of one frame's payload, in a segment of `format`.
+    fn decode_frame(format: u32, payload: &[u8]) -> Result<Vec<Self>, String> {
+        let records = if format == FORMAT_ONE_RECORD_PER_FRAME {
+            vec![JournalRecord::decode(payload).map_err(|e| format!("undecodable record: {e}"))?]
+        } else {
+            let batch =
+                JournalBatch::decode(payload).map_err(|e| format!("undecodable batch: {e}"))?;
+            if batch.records.is_empty() {
+                return Err("an empty batch".into());
+            }
+            batch.records
+        };
+        records.into_iter().map(Self::decode).collect()
+    }
+
+    fn decode(record: JournalRecord) -> Result<Self, String> {
         let txn = |bytes: &[u8]| TxnId::try_from(bytes).map_err(|e| e.to_string());
         match record.kind {
             KIND_PREPARED => Ok(Decoded::Entry(Entry::Prepared(
@@ -282,33 +358,61 @@ fn read_segments(dir: &Path) -> Result<(Vec<Entry>, u64), StoreError> {
             next_seq = *seq;
             continue;
         }
+        let format = match bytes.get(8..12) {
+            Some(field) if field == FORMAT_ONE_RECORD_PER_FRAME.to_le_bytes() => {
+                FORMAT_ONE_RECORD_PER_FRAME
+            }
+            _ => FORMAT,
+        };
         frame::check_header(
             &bytes,
             MAGIC,
-            FORMAT,
+            format,
             "a Ratify participant journal segment",
         )
         .map_err(|why| refuse(path, 0, &why))?;
         // Frames of a snapshot not yet closed by its last frame.
         let mut snapshot: Option<Vec<(TxnId, PreparedRecord)>> = None;
         let scan = frame::scan_frames(&bytes, |payload| {
-            match Decoded::decode(payload)? {
-                Decoded::Entry(entry) => {
-                    if snapshot.is_some() {
-                        return Err("a record inside an unfinished snapshot".into());
+            for decoded in Decoded::decode_frame(format, payload)? {
+                match decoded {
+                    Decoded::Entry(entry) => {
+                        if snapshot.is_some() {
+                            return Err("a record inside an unfinished snapshot".into());
+                        }
+                        entries.push(entry);
                     }
-                    entries.push(entry);
-                }
-                Decoded::SnapshotPart { branches, complete } => {
-                    let parts = snapshot.get_or_insert_with(Vec::new);
-                    parts.extend(branches);
-                    if complete {
-                        entries.push(Entry::Snapshot(snapshot.take().unwrap_or_default()));
+                    Decoded::SnapshotPart { branches, complete } => {
+                        let parts = snapshot.get_or_insert_with(Vec::new);
+                        parts.extend(branches);
+                        if complete {
+                            entries.push(Entry::Snapshot(snapshot.take().unwrap_or_default()));
+                        }
                     }
                 }
             }
             Ok(())
         });
+        if scan.zero_tail > 0 {
+            if !last {
+                // A segment is cut to its last frame before the next one starts.
+                return Err(refuse(
+                    path,
+                    scan.valid_len,
+                    &format!(
+                        "{} zero bytes end a segment that is not the last",
+                        scan.zero_tail
+                    ),
+                ));
+            }
+            // Space the writer zero-filled and never reached. A new segment follows this
+            // one, so cut it off (made durable by the sync below).
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .and_then(|file| file.set_len(scan.valid_len as u64))
+                .map_err(io(path))?;
+        }
         if let Some(damage) = scan.damage {
             if !(damage.torn_tail && last) {
                 return Err(refuse(path, damage.offset, &damage.why));
@@ -345,7 +449,7 @@ fn create_segment(dir: &Path, seq: u64) -> std::io::Result<File> {
     let path = segment_path(dir, seq);
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)?;
     file.write_all(&frame::segment_header(MAGIC, FORMAT))?;
     file.sync_data()?;
@@ -356,7 +460,8 @@ fn create_segment(dir: &Path, seq: u64) -> std::io::Result<File> {
 type Waiter = oneshot::Sender<Result<(), String>>;
 
 enum Item {
-    Frames(Vec<u8>),
+    /// Records, each encoded as an element of a `JournalBatch`.
+    Records(Vec<u8>),
     /// Start segment `seq`: what came before goes to the old one, what follows to this.
     NewSegment(u64),
 }
@@ -465,7 +570,17 @@ impl Journal {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || write_loop(&writer_shared, file, seq))
+            .spawn(move || {
+                let mut segment = Segment {
+                    dir: writer_shared.dir.clone(),
+                    file,
+                    seq,
+                    len: frame::HEADER_LEN as u64,
+                    allocated: frame::HEADER_LEN as u64,
+                    preallocate: PREALLOCATE_BYTES,
+                };
+                write_loop(&writer_shared, &mut segment)
+            })
             .map_err(|e| StoreError::Io(format!("spawning the journal writer: {e}")))?;
         Ok((
             Self {
@@ -480,18 +595,20 @@ impl Journal {
         &self.shared.stats
     }
 
-    /// Queues `frames`. Unless `force` is [`Force::No`], the returned wait ends once
-    /// they (and everything queued before them) are durable; otherwise it ends at once.
-    pub(super) fn append(&self, frames: &[u8], force: Force) -> Result<Durable, StoreError> {
-        self.queue(false, frames, force).map(|(_, durable)| durable)
+    /// Queues `records` (from [`Entry::encode`]). Unless `force` is [`Force::No`], the
+    /// returned wait ends once they (and everything queued before them) are durable;
+    /// otherwise it ends at once.
+    pub(super) fn append(&self, records: &[u8], force: Force) -> Result<Durable, StoreError> {
+        self.queue(false, records, force)
+            .map(|(_, durable)| durable)
     }
 
-    /// Queues `frames`, first starting a new segment if `new_segment` (whose sequence
+    /// Queues `records`, first starting a new segment if `new_segment` (whose sequence
     /// number is returned).
     fn queue(
         &self,
         new_segment: bool,
-        frames: &[u8],
+        records: &[u8],
         force: Force,
     ) -> Result<(u64, Durable), StoreError> {
         let mut queue = lock(&self.shared.queue);
@@ -505,13 +622,13 @@ impl Journal {
             queue.next_seq += 1;
             // Appends racing this call land in either segment: each is whole on its own.
             self.shared.dirty.store(false, Ordering::Relaxed);
-        } else if !frames.is_empty() {
+        } else if !records.is_empty() {
             self.shared.dirty.store(true, Ordering::Relaxed);
         }
-        if !frames.is_empty() {
+        if !records.is_empty() {
             match queue.items.last_mut() {
-                Some(Item::Frames(buf)) => buf.extend_from_slice(frames),
-                _ => queue.items.push(Item::Frames(frames.to_vec())),
+                Some(Item::Records(buf)) => buf.extend_from_slice(records),
+                _ => queue.items.push(Item::Records(records.to_vec())),
             }
         }
         let seq = queue.next_seq - 1;
@@ -615,9 +732,10 @@ impl Drop for Hold {
     }
 }
 
-/// The writer thread: takes everything queued, writes it in order, one fdatasync per
-/// segment touched, then answers the waiters.
-fn write_loop(shared: &Shared, mut file: File, mut seq: u64) {
+/// The writer thread: takes everything queued, writes it in order (one frame and one
+/// fdatasync per segment touched, unless a batch needs more than one frame), then
+/// answers the waiters.
+fn write_loop(shared: &Shared, segment: &mut Segment) {
     loop {
         let (items, waiters, stopping) = {
             let mut queue = lock(&shared.queue);
@@ -684,7 +802,7 @@ fn write_loop(shared: &Shared, mut file: File, mut seq: u64) {
         let failed = lock(&shared.queue).failed.clone();
         let result = match failed {
             Some(failure) => Err(failure),
-            None => write_batch(&shared.dir, &mut file, &mut seq, items),
+            None => segment.write_batch(items),
         };
         shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
         shared
@@ -701,31 +819,119 @@ fn write_loop(shared: &Shared, mut file: File, mut seq: u64) {
             let _ = waiter.send(result.clone());
         }
         if stopping {
+            // A clean close leaves no zero-filled space behind (the next open would cut it
+            // off anyway). Best effort: what is written is durable either way.
+            if result.is_ok() {
+                let _ = segment
+                    .file
+                    .set_len(segment.len)
+                    .and_then(|()| segment.file.sync_all());
+            }
             return;
+        }
+        // After the answers, so that no waiter pays for it.
+        if result.is_ok()
+            && let Err(failure) = segment.top_up()
+        {
+            tracing::error!("participant journal: {failure}");
+            lock(&shared.queue).failed.get_or_insert(failure);
         }
     }
 }
 
-fn write_batch(dir: &Path, file: &mut File, seq: &mut u64, items: Vec<Item>) -> Result<(), String> {
-    let path_of = |seq: u64| segment_path(dir, seq).display().to_string();
-    for item in items {
-        match item {
-            Item::Frames(bytes) => file
-                .write_all(&bytes)
-                .map_err(|e| format!("writing {}: {e}", path_of(*seq)))?,
-            Item::NewSegment(next) => {
-                // The old segment is durable before the new one starts, so a snapshot is
-                // never durable while a record before it is not.
-                file.sync_data()
-                    .map_err(|e| format!("fdatasync {}: {e}", path_of(*seq)))?;
-                *file = create_segment(dir, next)
-                    .map_err(|e| format!("creating {}: {e}", path_of(next)))?;
-                *seq = next;
+/// The segment the writer thread writes to.
+struct Segment {
+    dir: PathBuf,
+    file: File,
+    seq: u64,
+    /// Where the next frame goes: the end of the last frame.
+    len: u64,
+    /// The file's length: `len` plus the zero-filled space ahead of it.
+    allocated: u64,
+    /// [`PREALLOCATE_BYTES`], or 0 once preallocating failed.
+    preallocate: u64,
+}
+
+impl Segment {
+    fn path(&self) -> String {
+        segment_path(&self.dir, self.seq).display().to_string()
+    }
+
+    fn write_batch(&mut self, items: Vec<Item>) -> Result<(), String> {
+        for item in items {
+            match item {
+                Item::Records(records) => {
+                    for frame in frames_of(&records)? {
+                        self.write_frame(&frame)?;
+                    }
+                }
+                Item::NewSegment(next) => {
+                    // Every frame of the old segment is durable already (each was synced
+                    // before the next was written), so a snapshot is never durable while
+                    // a record before it is not. Its zero-filled space is cut off, durably,
+                    // before the new segment exists: only the last may end in zeros.
+                    if self.allocated > self.len {
+                        self.file
+                            .set_len(self.len)
+                            .and_then(|()| self.file.sync_all())
+                            .map_err(|e| {
+                                format!("cutting {} to its last frame: {e}", self.path())
+                            })?;
+                    }
+                    self.file = create_segment(&self.dir, next).map_err(|e| {
+                        format!("creating {}: {e}", segment_path(&self.dir, next).display())
+                    })?;
+                    self.seq = next;
+                    self.len = frame::HEADER_LEN as u64;
+                    self.allocated = self.len;
+                }
             }
         }
+        Ok(())
     }
-    file.sync_data()
-        .map_err(|e| format!("fdatasync {}: {e}", path_of(*seq)))
+
+    /// Writes one frame after the last and syncs it before anything else is written: a
+    /// power loss then tears at most this frame, even inside zero-filled space.
+    fn write_frame(&mut self, frame: &[u8]) -> Result<(), String> {
+        self.file
+            .write_all_at(frame, self.len)
+            .map_err(|e| format!("writing {}: {e}", self.path()))?;
+        self.file
+            .sync_data()
+            .map_err(|e| format!("fdatasync {}: {e}", self.path()))?;
+        self.len += frame.len() as u64;
+        self.allocated = self.allocated.max(self.len);
+        Ok(())
+    }
+
+    /// Zero-fills another [`PREALLOCATE_BYTES`] ahead of the last frame once less than
+    /// half of that is left, and syncs it: the file's length is durable before frames
+    /// overwrite the zeros, so their fdatasyncs change no metadata.
+    fn top_up(&mut self) -> Result<(), String> {
+        let chunk = self.preallocate;
+        if chunk == 0 || self.allocated - self.len >= chunk / 2 {
+            return Ok(());
+        }
+        let from = self.allocated;
+        let zeros = vec![0u8; chunk as usize];
+        if let Err(e) = self.file.write_all_at(&zeros, from) {
+            // Out of space, most likely. Nothing promised is at stake: cut the partial
+            // zeros off and append from now on, as without preallocation.
+            tracing::warn!(segment = %self.path(), error = %e, "preallocating the journal failed; appending instead");
+            self.file
+                .set_len(self.len)
+                .map_err(|e| format!("truncating {}: {e}", self.path()))?;
+            self.allocated = self.len;
+            self.preallocate = 0;
+            return Ok(());
+        }
+        // A failed fdatasync fails the journal, as everywhere else.
+        self.file
+            .sync_data()
+            .map_err(|e| format!("fdatasync {}: {e}", self.path()))?;
+        self.allocated = from + chunk;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -744,14 +950,15 @@ mod tests {
         }
     }
 
-    /// Writes `n` Prepared records to a fresh journal in `dir` and closes it.
+    /// Writes `n` Prepared records to a fresh journal in `dir`, each forced on its own (so
+    /// each is one frame), and closes it.
     fn write(dir: &Path, n: u8) -> Vec<Entry> {
         let (journal, _) = Journal::open(dir).unwrap();
         let entries: Vec<Entry> = (0..n)
             .map(|i| Entry::Prepared(TxnId::generate(), record(i)))
             .collect();
         for entry in &entries {
-            journal.append(&entry.encode(), Force::No).unwrap();
+            append_now(&journal, entry);
         }
         entries
     }
@@ -945,9 +1152,9 @@ mod tests {
         // The crash: the snapshot's first frame reached the disk, its last did not.
         let path = segment_path(dir.path(), 2);
         let mut bytes = frame::segment_header(MAGIC, FORMAT).to_vec();
-        let frames = snapshot.encode();
-        let first_len = u32::from_le_bytes(frames[..4].try_into().unwrap()) as usize;
-        bytes.extend_from_slice(&frames[..frame::FRAME_HEADER_LEN + first_len]);
+        let frames = frames_of(&snapshot.encode()).unwrap();
+        assert!(frames.len() > 1);
+        bytes.extend_from_slice(&frames[0]);
         fs::write(&path, &bytes).unwrap();
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, kept);
@@ -970,5 +1177,116 @@ mod tests {
         assert_eq!(seqs, vec![1, 2]);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, entries, "no gap, nothing refused");
+    }
+
+    /// The end of the frames of the segment at `path`, and the zero-filled space after.
+    fn written(path: &Path) -> (u64, u64) {
+        let bytes = fs::read(path).unwrap();
+        let scan = frame::scan_frames(&bytes, |_| Ok(()));
+        assert_eq!(scan.damage, None);
+        (scan.valid_len as u64, scan.zero_tail as u64)
+    }
+
+    fn append_now(journal: &Journal, entry: &Entry) {
+        journal
+            .append(&entry.encode(), Force::Now)
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+    }
+
+    #[test]
+    fn frames_overwrite_zero_filled_space_which_a_reopen_cuts_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        let entries: Vec<Entry> = (0..3)
+            .map(|i| Entry::Prepared(TxnId::generate(), record(i)))
+            .collect();
+        append_now(&journal, &entries[0]);
+        // The writer zero-filled space after answering the first; the second went into it.
+        append_now(&journal, &entries[1]);
+        let path = only_segment(dir.path());
+        let mut bytes = fs::read(&path).unwrap();
+        drop(journal);
+        let (frames_end, zeros) = written(&path);
+        assert_eq!(
+            (zeros, fs::metadata(&path).unwrap().len()),
+            (0, frames_end),
+            "a clean close cuts the zeros off"
+        );
+        assert!(
+            bytes.len() as u64 >= frames_end + PREALLOCATE_BYTES / 2,
+            "{} bytes, frames end at {frames_end}",
+            bytes.len()
+        );
+        assert!(bytes[frames_end as usize..].iter().all(|&b| b == 0));
+
+        // The crash: a third record torn inside the zero-filled space (half written).
+        let mut frame = Vec::new();
+        frame::encode_frame(&entries[2].encode(), &mut frame);
+        let at = frames_end as usize;
+        bytes[at..at + frame.len() / 2].copy_from_slice(&frame[..frame.len() / 2]);
+        fs::write(&path, &bytes).unwrap();
+        let (journal, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, entries[..2]);
+        // The segment is cut to its last frame, since a new one follows it.
+        assert_eq!(written(&path), (frames_end, 0));
+        append_now(&journal, &entries[2]);
+        drop(journal);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, entries);
+    }
+
+    #[test]
+    fn zeros_at_the_end_of_a_segment_that_is_not_the_last_refuse_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = write(dir.path(), 3);
+        let path = only_segment(dir.path());
+        // Its last record's frame lost to zeros, with a later segment after it.
+        let bytes = fs::read(&path).unwrap();
+        let mut frame = Vec::new();
+        frame::encode_frame(&entries[2].encode(), &mut frame);
+        let cut = bytes.len() - frame.len();
+        let mut damaged = bytes[..cut].to_vec();
+        damaged.resize(bytes.len() + 4096, 0);
+        fs::write(&path, &damaged).unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        drop(journal);
+        assert!(list_segments(dir.path()).unwrap().last().unwrap().1 != path);
+        // Opened as the last segment its zeros were cut off; put them back.
+        fs::write(&path, &damaged).unwrap();
+        let error = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains(&path.display().to_string())
+                && error.contains(&format!("offset {cut}"))
+                && error.contains("not the last"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn segments_of_one_record_per_frame_from_earlier_builds_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            Entry::Prepared(TxnId::generate(), record(1)),
+            Entry::Decided(TxnId::generate(), FinishedAs::Committed),
+            Entry::Snapshot(vec![(TxnId::generate(), record(2))]),
+            Entry::Decided(TxnId::generate(), FinishedAs::Aborted),
+        ];
+        let mut bytes = frame::segment_header(MAGIC, FORMAT_ONE_RECORD_PER_FRAME).to_vec();
+        for entry in &entries {
+            for record in JournalBatch::decode(&entry.encode()[..]).unwrap().records {
+                frame::encode_frame(&record.encode_to_vec(), &mut bytes);
+            }
+        }
+        fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+        let (journal, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, entries);
+        let more = Entry::Decided(TxnId::generate(), FinishedAs::Committed);
+        append_now(&journal, &more);
+        drop(journal);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.len(), 5);
+        assert_eq!(replay[4], more);
     }
 }

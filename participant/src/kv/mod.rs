@@ -272,9 +272,9 @@ impl SledStore {
         force: Force,
         update: impl FnOnce(&mut HashMap<TxnId, PreparedRecord>),
     ) -> Result<journal::Durable, StoreError> {
-        let frames = entry.encode();
+        let records = entry.encode();
         let mut prepared = lock(&self.durability.prepared);
-        let durable = self.durability.journal.append(&frames, force)?;
+        let durable = self.durability.journal.append(&records, force)?;
         update(&mut prepared);
         Ok(durable)
     }
