@@ -169,6 +169,36 @@ fn unforced_records_ride_with_the_next_forced_write() {
 }
 
 #[test]
+fn unforced_records_past_the_holding_limit_are_written_without_a_forced_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(
+        dir.path(),
+        WalOptions {
+            unforced_linger: std::time::Duration::from_secs(3600),
+            ..WalOptions::default()
+        },
+    )
+    .unwrap();
+    for i in 0..5000 {
+        wal.append_unforced(vec![end(i)]).unwrap();
+    }
+    let mut waited = 0;
+    while wal.stats().records < 4096 {
+        assert!(waited < 30_000, "nothing written: {:?}", wal.stats());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        waited += 1;
+    }
+    let stats = wal.stats();
+    assert_eq!((stats.records, stats.batches), (4096, 1), "{stats:?}");
+    // The rest go at close, in order.
+    drop(wal);
+    assert_eq!(
+        replay(dir.path()).unwrap(),
+        (0..5000).map(end).collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn an_unforced_record_alone_is_written_and_synced_once_its_linger_runs_out() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(

@@ -18,7 +18,9 @@
 //! Unforced records (ENDs) wait in memory, at most [`WalOptions::unforced_linger`], for a
 //! forced one to share its write and fdatasync: a transaction's END then costs no fsync
 //! of its own, and at low load the disk is not busy with one while the next transaction's
-//! prepares are syncing at the participants.
+//! prepares are syncing at the participants. They wait beside the writer thread, not in
+//! its queue: the next forced append takes them along, so queueing one never wakes the
+//! writer (it looks for overdue ones on its own, at least once a linger).
 //!
 //! On open a torn tail (a damaged last frame of the last segment, nothing valid after it)
 //! is cut off; any other damage makes [`Wal::open`] fail with the file and offset, so a
@@ -109,11 +111,20 @@ struct Request {
     done: Option<oneshot::Sender<Result<(), LogError>>>,
 }
 
+/// Unforced records not yet handed to the writer thread.
+#[derive(Debug, Default)]
+struct Unforced {
+    records: Vec<LogRecord>,
+    /// When the oldest of them was appended.
+    since: Option<Instant>,
+}
+
 /// The local write-ahead decision log.
 #[derive(Debug)]
 pub struct Wal {
     epoch: u64,
     requests: Option<mpsc::Sender<Request>>,
+    unforced: Arc<Mutex<Unforced>>,
     writer: Option<std::thread::JoinHandle<()>>,
     recovered: Mutex<Vec<LogRecord>>,
     counters: Arc<Counters>,
@@ -213,6 +224,11 @@ struct Writer {
     live: HashMap<TxnId, u64>,
     counters: Arc<Counters>,
     failed: Arc<Mutex<Option<String>>>,
+    unforced: Arc<Mutex<Unforced>>,
+}
+
+fn lock_unforced(unforced: &Mutex<Unforced>) -> std::sync::MutexGuard<'_, Unforced> {
+    unforced.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Wal {
@@ -354,6 +370,7 @@ impl Wal {
 
         let counters = Arc::new(Counters::default());
         let failed = Arc::new(Mutex::new(None));
+        let unforced = Arc::new(Mutex::new(Unforced::default()));
         let (requests, receiver) = mpsc::channel();
         let mut writer = Writer {
             dir: dir.to_path_buf(),
@@ -366,6 +383,7 @@ impl Wal {
             live,
             counters: counters.clone(),
             failed: failed.clone(),
+            unforced: unforced.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("wal-writer".into())
@@ -374,6 +392,7 @@ impl Wal {
         Ok(Self {
             epoch,
             requests: Some(requests),
+            unforced,
             writer: Some(writer),
             recovered: Mutex::new(records),
             counters,
@@ -387,15 +406,20 @@ impl Wal {
         &self.dir
     }
 
-    fn send(&self, request: Request) -> Result<(), LogError> {
-        if let Some(message) = self
+    fn check_failed(&self) -> Result<(), LogError> {
+        match self
             .failed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
         {
-            return Err(LogError::Failed(message));
+            Some(message) => Err(LogError::Failed(message)),
+            None => Ok(()),
         }
+    }
+
+    fn send(&self, request: Request) -> Result<(), LogError> {
+        self.check_failed()?;
         self.requests
             .as_ref()
             .ok_or_else(|| LogError::Failed("the log is closed".into()))?
@@ -417,23 +441,16 @@ fn track(live: &mut HashMap<TxnId, u64>, record: &LogRecord, seq: u64) {
 
 impl Writer {
     fn run(&mut self, receiver: mpsc::Receiver<Request>) {
-        // Unforced requests waiting for a forced one (or for their linger to run out).
-        // They reach the file only inside a batch that is synced at once, like every
-        // other write (see `write_batch`), so the on-disk order argument still holds.
-        let mut held: Vec<Request> = Vec::new();
-        let mut held_since: Option<Instant> = None;
+        let linger = self.options.unforced_linger;
         loop {
-            let next = match held_since {
-                None => receiver
-                    .recv()
-                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(since) => receiver.recv_timeout(
-                    (since + self.options.unforced_linger)
-                        .saturating_duration_since(Instant::now()),
-                ),
+            // Unforced records are not sent here: wake in time for the oldest to be written
+            // within its linger, and at least once a linger to look for them.
+            let wait = match lock_unforced(&self.unforced).since {
+                Some(since) => (since + linger).saturating_duration_since(Instant::now()),
+                None => linger,
             };
-            let mut batch = std::mem::take(&mut held);
-            let closed = match next {
+            let mut batch = Vec::new();
+            let closed = match receiver.recv_timeout(wait) {
                 Ok(first) => {
                     batch.push(first);
                     batch.extend(receiver.try_iter().take(65_536));
@@ -442,16 +459,25 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => false,
                 Err(mpsc::RecvTimeoutError::Disconnected) => true,
             };
-            let forced = batch.iter().any(|r| r.done.is_some());
-            let records: usize = batch.iter().map(|r| r.records.len()).sum();
-            let overdue =
-                held_since.is_some_and(|since| since.elapsed() >= self.options.unforced_linger);
-            if !closed && !forced && !overdue && records < MAX_HELD_RECORDS {
-                held_since.get_or_insert_with(Instant::now);
-                held = batch;
-                continue;
+            // Overdue unforced records go now; so does everything at close. They go after
+            // the requests received: a request sent after one of them was appended would
+            // have taken it along.
+            {
+                let mut unforced = lock_unforced(&self.unforced);
+                let overdue = unforced
+                    .since
+                    .is_some_and(|since| since.elapsed() >= linger);
+                if (closed || overdue) && !unforced.records.is_empty() {
+                    unforced.since = None;
+                    let records = std::mem::take(&mut unforced.records);
+                    batch.push(Request {
+                        records,
+                        done: None,
+                    });
+                }
             }
-            held_since = None;
+            // Every batch is written at once: forced ones are waited for, and unforced ones
+            // arrive here only when overdue, too many, or with a forced one.
             if !batch.is_empty() {
                 self.write_and_answer(batch);
             }
@@ -672,17 +698,43 @@ impl DecisionLog for Wal {
         self.epoch
     }
 
-    async fn append(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+    fn append(
+        &self,
+        records: Vec<LogRecord>,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+        // Queued at the call, not when first polled: the unforced records taken along
+        // are then exactly those appended before this call.
         let (done, wait) = oneshot::channel();
-        self.send(Request {
-            records,
-            done: Some(done),
-        })?;
-        wait.await
-            .map_err(|_| LogError::Failed("the WAL writer thread is gone".into()))?
+        let sent = {
+            let mut unforced = lock_unforced(&self.unforced);
+            let mut all = std::mem::take(&mut unforced.records);
+            unforced.since = None;
+            all.extend(records);
+            // Under the lock, so that no unforced record appended later can reach the
+            // writer before these.
+            self.send(Request {
+                records: all,
+                done: Some(done),
+            })
+        };
+        async move {
+            sent?;
+            wait.await
+                .map_err(|_| LogError::Failed("the WAL writer thread is gone".into()))?
+        }
     }
 
     fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+        self.check_failed()?;
+        let mut unforced = lock_unforced(&self.unforced);
+        unforced.records.extend(records);
+        unforced.since.get_or_insert_with(Instant::now);
+        if unforced.records.len() < MAX_HELD_RECORDS {
+            return Ok(());
+        }
+        // Too many to hold: written at once, without waiting for a forced append.
+        unforced.since = None;
+        let records = std::mem::take(&mut unforced.records);
         self.send(Request {
             records,
             done: None,

@@ -641,7 +641,9 @@ impl Journal {
                 }
                 return Ok((seq, Durable(None)));
             }
-            Force::Soon => queue.soon_since.is_none() && !queue.forced,
+            // Under a hold the writer learns of it when the hold ends (see `Hold`): waking
+            // it now would only put it to sleep again, beside the holder's pass.
+            Force::Soon => queue.soon_since.is_none() && !queue.forced && queue.holds == 0,
             Force::Now => !queue.forced,
         };
         match force {
@@ -724,10 +726,14 @@ impl Drop for Hold {
         queue.holds -= 1;
         if queue.holds == 0 {
             queue.held_since = None;
-            if queue.forced {
-                drop(queue);
-                self.0.wake.notify_one();
-            }
+        }
+        // A forced record waits for the last hold to end; a record forced soon, queued
+        // under a hold without waking the writer, starts its linger now.
+        let wake =
+            (queue.forced && queue.holds == 0) || (!queue.forced && queue.soon_since.is_some());
+        drop(queue);
+        if wake {
+            self.0.wake.notify_one();
         }
     }
 }
@@ -1097,6 +1103,22 @@ mod tests {
         drop(journal);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay, vec![first, second]);
+    }
+
+    #[test]
+    fn a_record_forced_soon_under_a_hold_is_durable_once_the_hold_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) =
+            Journal::open_with_hold_limit(dir.path(), Duration::from_secs(60)).unwrap();
+        let hold = journal.hold();
+        let entry = Entry::Decided(TxnId::generate(), FinishedAs::Committed);
+        let durable = journal.append(&entry.encode(), Force::Soon).unwrap();
+        drop(hold);
+        durable.wait_blocking().unwrap();
+        assert_eq!(journal.stats().flushes.load(Ordering::Relaxed), 1);
+        drop(journal);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, vec![entry]);
     }
 
     #[test]
