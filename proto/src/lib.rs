@@ -6,6 +6,7 @@
 
 pub mod dial;
 pub mod frame;
+pub mod segment;
 
 #[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
 pub mod v1 {

@@ -8,12 +8,9 @@
 //!   passes `segment_bytes`, and segments whose transactions have all ended are removed.
 //!
 //! The current segment is zero-filled ahead of its last frame, a chunk at a time
-//! ([`WalOptions::preallocate_bytes`]), and frames overwrite that space: an fdatasync of
-//! bytes written over written blocks changes no metadata, so it costs a data flush and no
-//! filesystem journal commit (on ext4 about 50 µs less of the ~200 µs this machine's
-//! fdatasync takes after an append). Every batch is one frame, synced before the next is
-//! written, so a torn write still damages only the last frame; a segment is cut to its
-//! last frame when the next one starts, so only the last segment ends in zeros.
+//! ([`WalOptions::preallocate_bytes`]), and frames overwrite that space, one synced frame
+//! at a time (a batch is one frame unless it passes the frame limit); see
+//! [`ratify_proto::segment`] for why.
 //!
 //! Unforced records (ENDs) wait in memory, at most [`WalOptions::unforced_linger`], for a
 //! forced one to share its write and fdatasync: a transaction's END then costs no fsync
@@ -29,6 +26,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+#[cfg(feature = "failpoints")]
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +36,8 @@ use std::time::{Duration, Instant};
 use futures::channel::oneshot;
 use ratify_proto::TxnId;
 use tracing::{info, warn};
+
+use ratify_proto::segment::SegmentFile;
 
 use super::frame::{self, HEADER_LEN};
 use super::{DecisionLog, LogError, LogRecord, LogStats};
@@ -212,12 +212,9 @@ fn create_segment(dir: &Path, seq: u64) -> Result<File, OpenError> {
 struct Writer {
     dir: PathBuf,
     options: WalOptions,
-    file: File,
+    /// The current segment.
+    segment: SegmentFile,
     seq: u64,
-    /// Where the next frame goes: the end of the last frame.
-    len: u64,
-    /// The file's length: `len` plus the zero-filled space ahead of it.
-    allocated: u64,
     /// Segments on disk, oldest first.
     segments: Vec<u64>,
     /// Transactions with a record and no END yet -> the oldest segment holding one.
@@ -372,13 +369,18 @@ impl Wal {
         let failed = Arc::new(Mutex::new(None));
         let unforced = Arc::new(Mutex::new(Unforced::default()));
         let (requests, receiver) = mpsc::channel();
+        let segment = SegmentFile::new(
+            file,
+            len,
+            allocated,
+            options.preallocate_bytes,
+            options.segment_bytes,
+        );
         let mut writer = Writer {
             dir: dir.to_path_buf(),
             options,
-            file,
+            segment,
             seq,
-            len,
-            allocated,
             segments,
             live,
             counters: counters.clone(),
@@ -486,7 +488,7 @@ impl Writer {
             }
         }
         // Closed (clean shutdown): everything written is durable too.
-        let _ = self.file.sync_data();
+        let _ = self.segment.file().sync_data();
     }
 
     fn write_and_answer(&mut self, batch: Vec<Request>) {
@@ -507,39 +509,20 @@ impl Writer {
         }
     }
 
-    /// Zero-fills another chunk ahead of the last frame once less than half a chunk is
-    /// left, up to `segment_bytes`. The zeros are synced here, so the file's length is
-    /// durable before frames overwrite them and their fdatasyncs change no metadata.
+    /// Zero-fills more of the segment ahead of its last frame when it runs short.
     fn top_up(&mut self) -> Result<(), String> {
-        let chunk = self.options.preallocate_bytes;
-        let limit = self.options.segment_bytes.max(HEADER_LEN as u64);
-        if chunk == 0 || self.allocated >= limit || self.allocated - self.len >= chunk / 2 {
-            return Ok(());
+        // A failed fdatasync poisons the log, as in `write_frame`.
+        let preallocated = self
+            .segment
+            .top_up()
+            .map_err(|e| format!("segment {}: {e}", self.seq))?;
+        if !preallocated {
+            // Out of space, most likely. Nothing acknowledged is at stake.
+            warn!(
+                segment = self.seq,
+                "preallocating the decision log failed; appending instead"
+            );
         }
-        let from = self.allocated.max(self.len);
-        let to = (from + chunk).min(limit);
-        let zeros = vec![0u8; 64 << 10];
-        let mut at = from;
-        while at < to {
-            let n = (to - at).min(zeros.len() as u64);
-            if let Err(e) = self.file.write_all_at(&zeros[..n as usize], at) {
-                // Out of space, most likely. Nothing acknowledged is at stake: cut the
-                // partial zeros off and keep appending as without preallocation.
-                warn!(segment = self.seq, error = %e, "preallocating the decision log failed; appending instead");
-                self.file
-                    .set_len(self.len)
-                    .map_err(|e| format!("truncating segment {}: {e}", self.seq))?;
-                self.allocated = self.len;
-                self.options.preallocate_bytes = 0;
-                return Ok(());
-            }
-            at += n;
-        }
-        // A failed fdatasync poisons the log, as in `sync`.
-        self.file
-            .sync_data()
-            .map_err(|e| format!("fdatasync of segment {} failed: {e}", self.seq))?;
-        self.allocated = to;
         Ok(())
     }
 
@@ -587,7 +570,7 @@ impl Writer {
         for record in &records {
             track(&mut self.live, record, self.seq);
         }
-        if self.len >= self.options.segment_bytes {
+        if self.segment.frames_end() >= self.options.segment_bytes {
             self.roll()?;
         }
         Ok(())
@@ -602,57 +585,47 @@ impl Writer {
             } else {
                 // Crash with half of this batch written (C4: a torn decision record).
                 eprintln!("crash point coordinator::wal::torn_write: abort");
-                let _ = self.file.write_all_at(&buf[..buf.len() / 2], self.len);
-                let _ = self.file.sync_data();
+                let file = self.segment.file();
+                let _ = file.write_all_at(&buf[..buf.len() / 2], self.segment.frames_end());
+                let _ = file.sync_data();
                 std::process::abort()
             }
         }
-        // At the end of the last frame: into zero-filled space, or past the file's end.
-        self.file
-            .write_all_at(buf, self.len)
-            .map_err(|e| format!("writing segment {}: {e}", self.seq))?;
         // Every frame is synced before the next is written, waited for or not: then a
         // valid frame on disk always follows durable ones, so damage before a valid frame
         // is corruption, never a torn or reordered write-back of unsynced pages after a
-        // power loss. (Overwriting zero-filled space, unlike appending, gives no
-        // all-or-nothing from the filesystem: only this rule keeps a tear to one frame.)
-        self.sync()?;
-        self.len += buf.len() as u64;
-        self.allocated = self.allocated.max(self.len);
-        Ok(())
-    }
-
-    fn sync(&mut self) -> Result<(), String> {
-        let started = Instant::now();
-        // fdatasync: the written bytes (and the file size) are durable on return. Any
+        // power loss. The written bytes (and the file size) are durable on return. Any
         // failure poisons the log: after a failed fsync the kernel may have dropped the
         // dirty pages, so retrying and going on would acknowledge lost records.
-        self.file
-            .sync_data()
-            .map_err(|e| format!("fdatasync of segment {} failed: {e}", self.seq))?;
+        let synced = self
+            .segment
+            .write_frame(buf)
+            .map_err(|e| format!("segment {}: {e}", self.seq))?;
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        metrics::histogram!("ratify_wal_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("ratify_wal_fsync_seconds").record(synced.as_secs_f64());
         Ok(())
     }
 
     /// Starts a new segment and removes the ones no unfinished transaction needs.
     fn roll(&mut self) -> Result<(), String> {
         // Everything in the old segment (ENDs included) is durable before any segment is
-        // removed because of it.
-        self.sync()?;
-        // Its zero-filled space is cut off, durably, before the next segment exists: only
-        // the last segment may end in zeros (recovery refuses any other that does).
-        if self.allocated > self.len {
-            self.file
-                .set_len(self.len)
-                .and_then(|()| self.file.sync_all())
-                .map_err(|e| format!("cutting segment {} to its last frame: {e}", self.seq))?;
-        }
+        // removed because of it: each frame was synced as it was written. Its zero-filled
+        // space is cut off, durably, before the next segment exists: only the last
+        // segment may end in zeros (recovery refuses any other that does).
+        self.segment
+            .cut()
+            .map_err(|e| format!("segment {}: {e}", self.seq))?;
         let next = self.seq + 1;
-        self.file = create_segment(&self.dir, next).map_err(|e| e.to_string())?;
+        let file = create_segment(&self.dir, next).map_err(|e| e.to_string())?;
+        let header = HEADER_LEN as u64;
+        self.segment = SegmentFile::new(
+            file,
+            header,
+            header,
+            self.options.preallocate_bytes,
+            self.options.segment_bytes,
+        );
         self.seq = next;
-        self.len = HEADER_LEN as u64;
-        self.allocated = self.len;
         self.segments.push(next);
         let keep_from = self.live.values().copied().min().unwrap_or(next).min(next);
         crash_point!("coordinator::wal::checkpoint");

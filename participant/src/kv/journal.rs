@@ -9,14 +9,9 @@
 //! record as one frame with one `write` and one `fdatasync`, and then answers the
 //! waiters whose records were forced.
 //!
-//! Frames overwrite zero-filled space kept ahead of the last one (see
-//! [`PREALLOCATE_BYTES`]): an fdatasync of bytes written over written blocks changes no
-//! metadata, so it costs no filesystem journal commit (on ext4 about 50 µs less than an
-//! append's). Unlike an append, such a write is not all-or-nothing after a power loss, so
-//! the writer keeps at most one frame unsynced at a time (a batch too large for one frame
-//! is written and synced frame by frame): a torn write still damages only the last frame.
-//! A segment is cut to its last frame before the next one starts, so only the last
-//! segment may end in zeros.
+//! Frames overwrite zero-filled space kept ahead of the last one ([`PREALLOCATE_BYTES`]),
+//! one synced frame at a time (a batch too large for one frame is written and synced
+//! frame by frame); see [`ratify_proto::segment`] for why.
 //!
 //! A checkpoint (see [`super::SledStore`]) starts a new segment whose first record is a
 //! snapshot of the prepared branches, flushes sled, and then removes the older segments:
@@ -28,7 +23,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,6 +31,7 @@ use std::time::Duration;
 use prost::Message;
 use ratify_proto::TxnId;
 use ratify_proto::frame;
+use ratify_proto::segment::SegmentFile;
 use tokio::sync::oneshot;
 
 use super::PreparedRecord;
@@ -573,11 +568,8 @@ impl Journal {
             .spawn(move || {
                 let mut segment = Segment {
                     dir: writer_shared.dir.clone(),
-                    file,
+                    file: new_segment_file(file),
                     seq,
-                    len: frame::HEADER_LEN as u64,
-                    allocated: frame::HEADER_LEN as u64,
-                    preallocate: PREALLOCATE_BYTES,
                 };
                 write_loop(&writer_shared, &mut segment)
             })
@@ -828,10 +820,7 @@ fn write_loop(shared: &Shared, segment: &mut Segment) {
             // A clean close leaves no zero-filled space behind (the next open would cut it
             // off anyway). Best effort: what is written is durable either way.
             if result.is_ok() {
-                let _ = segment
-                    .file
-                    .set_len(segment.len)
-                    .and_then(|()| segment.file.sync_all());
+                let _ = segment.file.cut();
             }
             return;
         }
@@ -845,17 +834,18 @@ fn write_loop(shared: &Shared, segment: &mut Segment) {
     }
 }
 
+/// A freshly created segment (its header written), to be zero-filled ahead of its last
+/// frame [`PREALLOCATE_BYTES`] at a time.
+fn new_segment_file(file: File) -> SegmentFile {
+    let header = frame::HEADER_LEN as u64;
+    SegmentFile::new(file, header, header, PREALLOCATE_BYTES, u64::MAX)
+}
+
 /// The segment the writer thread writes to.
 struct Segment {
     dir: PathBuf,
-    file: File,
+    file: SegmentFile,
     seq: u64,
-    /// Where the next frame goes: the end of the last frame.
-    len: u64,
-    /// The file's length: `len` plus the zero-filled space ahead of it.
-    allocated: u64,
-    /// [`PREALLOCATE_BYTES`], or 0 once preallocating failed.
-    preallocate: u64,
 }
 
 impl Segment {
@@ -868,7 +858,11 @@ impl Segment {
             match item {
                 Item::Records(records) => {
                     for frame in frames_of(&records)? {
-                        self.write_frame(&frame)?;
+                        // Synced before the next is written: a power loss then tears at
+                        // most this frame, even inside zero-filled space.
+                        self.file
+                            .write_frame(&frame)
+                            .map_err(|e| format!("{}: {e}", self.path()))?;
                     }
                 }
                 Item::NewSegment(next) => {
@@ -876,66 +870,31 @@ impl Segment {
                     // before the next was written), so a snapshot is never durable while
                     // a record before it is not. Its zero-filled space is cut off, durably,
                     // before the new segment exists: only the last may end in zeros.
-                    if self.allocated > self.len {
-                        self.file
-                            .set_len(self.len)
-                            .and_then(|()| self.file.sync_all())
-                            .map_err(|e| {
-                                format!("cutting {} to its last frame: {e}", self.path())
-                            })?;
-                    }
-                    self.file = create_segment(&self.dir, next).map_err(|e| {
+                    self.file
+                        .cut()
+                        .map_err(|e| format!("{}: {e}", self.path()))?;
+                    let file = create_segment(&self.dir, next).map_err(|e| {
                         format!("creating {}: {e}", segment_path(&self.dir, next).display())
                     })?;
+                    self.file = new_segment_file(file);
                     self.seq = next;
-                    self.len = frame::HEADER_LEN as u64;
-                    self.allocated = self.len;
                 }
             }
         }
         Ok(())
     }
 
-    /// Writes one frame after the last and syncs it before anything else is written: a
-    /// power loss then tears at most this frame, even inside zero-filled space.
-    fn write_frame(&mut self, frame: &[u8]) -> Result<(), String> {
-        self.file
-            .write_all_at(frame, self.len)
-            .map_err(|e| format!("writing {}: {e}", self.path()))?;
-        self.file
-            .sync_data()
-            .map_err(|e| format!("fdatasync {}: {e}", self.path()))?;
-        self.len += frame.len() as u64;
-        self.allocated = self.allocated.max(self.len);
-        Ok(())
-    }
-
-    /// Zero-fills another [`PREALLOCATE_BYTES`] ahead of the last frame once less than
-    /// half of that is left, and syncs it: the file's length is durable before frames
-    /// overwrite the zeros, so their fdatasyncs change no metadata.
+    /// Zero-fills more of the segment ahead of its last frame when it runs short. A failed
+    /// fdatasync fails the journal, as everywhere else.
     fn top_up(&mut self) -> Result<(), String> {
-        let chunk = self.preallocate;
-        if chunk == 0 || self.allocated - self.len >= chunk / 2 {
-            return Ok(());
+        let preallocated = self
+            .file
+            .top_up()
+            .map_err(|e| format!("{}: {e}", self.path()))?;
+        if !preallocated {
+            // Out of space, most likely. Nothing promised is at stake.
+            tracing::warn!(segment = %self.path(), "preallocating the journal failed; appending instead");
         }
-        let from = self.allocated;
-        let zeros = vec![0u8; chunk as usize];
-        if let Err(e) = self.file.write_all_at(&zeros, from) {
-            // Out of space, most likely. Nothing promised is at stake: cut the partial
-            // zeros off and append from now on, as without preallocation.
-            tracing::warn!(segment = %self.path(), error = %e, "preallocating the journal failed; appending instead");
-            self.file
-                .set_len(self.len)
-                .map_err(|e| format!("truncating {}: {e}", self.path()))?;
-            self.allocated = self.len;
-            self.preallocate = 0;
-            return Ok(());
-        }
-        // A failed fdatasync fails the journal, as everywhere else.
-        self.file
-            .sync_data()
-            .map_err(|e| format!("fdatasync {}: {e}", self.path()))?;
-        self.allocated = from + chunk;
         Ok(())
     }
 }
