@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_proto::v1::participant_client::ParticipantClient;
@@ -18,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::engine::{
     Action, Durable, Engine, EngineConfig, Input, Millis, OnePhaseResult, Reply, ReqId, VoteResult,
 };
-use crate::log::{DecisionLog, LogRecord};
+use crate::log::{DecisionLog, LogError, LogRecord};
 use crate::registry::Registry;
 
 /// Settings of the driver.
@@ -306,9 +308,18 @@ struct Driver<L> {
     timers: std::collections::BTreeMap<(Millis, u64), (TxnId, crate::engine::Timer)>,
     timer_seq: u64,
     /// Records to force, gathered while the driver works through what is queued and
-    /// appended together when it is done (one append, one task, one event back).
+    /// appended together when it is done (one append per pass).
     to_force: Vec<(LogRecord, Durable)>,
+    /// Appends on their way to disk, each with what to tell the engine once it is
+    /// durable. The driver polls them itself: the log's answer wakes the driver directly,
+    /// with no task in between.
+    appends: FuturesUnordered<PendingAppend>,
 }
+
+/// An append under way and the transactions whose records it carries.
+type PendingAppend = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Result<(), LogError>, Vec<(TxnId, Durable)>)> + Send>,
+>;
 
 /// Replays the log, recovers unfinished transactions, and starts the driver task.
 /// Nothing is served before this returns, so GetOutcome never answers from a partial
@@ -346,6 +357,7 @@ pub async fn start<L: DecisionLog>(
         timers: std::collections::BTreeMap::new(),
         timer_seq: 0,
         to_force: Vec::new(),
+        appends: FuturesUnordered::new(),
     };
     let counters = driver.counters.clone();
     let stats_log = driver.log.clone();
@@ -398,6 +410,9 @@ impl<L: DecisionLog> Driver<L> {
                         }
                     }
                 }
+                Some((result, done)) = self.appends.next(), if !self.appends.is_empty() => {
+                    self.durable(result, done);
+                }
                 _ = gauges.tick() => self.report_gauges(),
             }
             self.force_gathered();
@@ -420,25 +435,24 @@ impl<L: DecisionLog> Driver<L> {
                 (record, (txn, what))
             })
             .unzip();
-        let log = self.log.clone();
-        let events = self.events.clone();
-        tokio::spawn(async move {
-            match log.append(records).await {
-                Ok(()) => {
-                    let inputs = done
-                        .into_iter()
-                        .map(|(txn, what)| {
-                            if what == Durable::CommitDecision {
-                                crash_point!("coordinator::decision_durable");
-                            }
-                            Input::Durable { txn, what }
-                        })
-                        .collect();
-                    let _ = events.send(Command::Events(inputs));
-                }
-                Err(e) => fatal(&e.to_string()),
+        let append = self.log.append(records);
+        self.appends
+            .push(Box::pin(async move { (append.await, done) }));
+    }
+
+    /// An append returned: its records are durable (fsynced, or Raft-committed), so the
+    /// engine may now act on them. A failed append stops the process: a restart recovers
+    /// from what is durable.
+    fn durable(&mut self, result: Result<(), LogError>, done: Vec<(TxnId, Durable)>) {
+        if let Err(e) = result {
+            fatal(&e.to_string());
+        }
+        for (txn, what) in done {
+            if what == Durable::CommitDecision {
+                crash_point!("coordinator::decision_durable");
             }
-        });
+            self.event(Input::Durable { txn, what });
+        }
     }
 
     /// Feeds every timer that is due. One ordered map instead of a task per timer: a

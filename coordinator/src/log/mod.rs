@@ -167,8 +167,13 @@ pub trait DecisionLog: Send + Sync + 'static {
     fn epoch(&self) -> u64;
 
     /// Appends and returns only once the records are durable (fsynced, or Raft-committed).
-    /// Concurrent calls share one fsync (group commit).
-    fn append(&self, records: Vec<LogRecord>) -> impl Future<Output = Result<(), LogError>> + Send;
+    /// Concurrent calls share one fsync (group commit). The records are queued at the
+    /// call, before the future is first polled, and the future borrows nothing from the
+    /// log, so the driver can keep it beside its other work.
+    fn append(
+        &self,
+        records: Vec<LogRecord>,
+    ) -> impl Future<Output = Result<(), LogError>> + Send + use<Self>;
 
     /// Appends without waiting: the records are ordered before any later append and are
     /// made durable with the next forced batch (or on their own after a short linger),

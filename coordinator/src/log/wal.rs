@@ -674,7 +674,7 @@ impl DecisionLog for Wal {
     fn append(
         &self,
         records: Vec<LogRecord>,
-    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + use<> {
         // Queued at the call, not when first polled: the unforced records taken along
         // are then exactly those appended before this call.
         let (done, wait) = oneshot::channel();

@@ -124,17 +124,24 @@ impl DecisionLog for MemLog {
         self.epoch
     }
 
-    async fn append(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
+    fn append(
+        &self,
+        records: Vec<LogRecord>,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send + use<> {
         let disk = &self.inner.disk;
         disk.forced_appends.fetch_add(1, Ordering::SeqCst);
         disk.forced_records
             .fetch_add(records.len() as u64, Ordering::SeqCst);
+        // Queued at the call, as the trait asks.
         let upto = self.inner.enqueue(records);
-        while self.inner.durable.load(Ordering::SeqCst) < upto {
-            tokio::time::sleep(self.inner.fsync).await;
-            self.inner.sync();
+        let inner = self.inner.clone();
+        async move {
+            while inner.durable.load(Ordering::SeqCst) < upto {
+                tokio::time::sleep(inner.fsync).await;
+                inner.sync();
+            }
+            Ok(())
         }
-        Ok(())
     }
 
     fn append_unforced(&self, records: Vec<LogRecord>) -> Result<(), LogError> {
