@@ -21,6 +21,7 @@ use crate::engine::{
     Action, Durable, Engine, EngineConfig, Input, Millis, OnePhaseResult, Reply, ReqId, VoteResult,
 };
 use crate::log::{DecisionLog, LogError, LogRecord};
+use crate::prepare_link::PrepareLink;
 use crate::registry::Registry;
 
 /// Settings of the driver.
@@ -760,7 +761,10 @@ fn spawn_outbound(
     };
 
     {
-        let (channel, events, participant) = (channel.clone(), events.clone(), participant.clone());
+        let link = channel
+            .clone()
+            .map(|channel| Arc::new(PrepareLink::new(participant.clone(), channel)));
+        let (events, participant) = (events.clone(), participant.clone());
         let (decisions, counters_here) = (decisions.clone(), counters.clone());
         let decisions_ride = decisions_ride.clone();
         let timeout = config.prepare_rpc_timeout;
@@ -770,8 +774,8 @@ fn spawn_outbound(
             max_batch,
             pacing,
             move |batch: Vec<PrepareItem>| {
-                let (channel, events, participant) =
-                    (channel.clone(), events.clone(), participant.clone());
+                let (link, events, participant) =
+                    (link.clone(), events.clone(), participant.clone());
                 // Phase two of earlier transactions rides along: no RPC of its own.
                 let carried = if decisions_ride.load(Ordering::Relaxed) {
                     decisions.take_riding(max_batch)
@@ -799,12 +803,11 @@ fn spawn_outbound(
                         commits: decision_branches(&commits),
                         aborts: decision_branches(&aborts),
                     };
-                    let answer = match channel {
+                    let answer = match link {
                         None => Err("invalid endpoint".to_string()),
-                        Some(channel) => {
-                            let mut client = ParticipantClient::new(channel);
-                            match tokio::time::timeout(timeout, client.prepare(request)).await {
-                                Ok(Ok(r)) => Ok(r.into_inner()),
+                        Some(link) => {
+                            match tokio::time::timeout(timeout, link.prepare(request)).await {
+                                Ok(Ok(r)) => Ok(r),
                                 Ok(Err(status)) => {
                                     Err(format!("{}: {}", status.code(), status.message()))
                                 }

@@ -373,7 +373,9 @@ async fn serve<S: KvStore>(
         .await;
 
     let max_message = max_message_bytes(&settings);
-    let participant = ParticipantServer::new(ParticipantService::new(runtime.clone()))
+    let participant_service = ParticipantService::new(runtime.clone());
+    let streams = participant_service.clone();
+    let participant = ParticipantServer::new(participant_service)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     let kv = KvServer::new(KvService::new(runtime.clone(), enlistment))
@@ -395,6 +397,8 @@ async fn serve<S: KvStore>(
                 error!("stopping after a fatal storage failure");
             }
         }
+        // The coordinator's PrepareStream would keep the graceful shutdown waiting.
+        streams.close_streams();
     };
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(1024))

@@ -17,11 +17,25 @@ use crate::store::{BranchMeta, OnePhaseOutcome, PayloadDigest, ResourceManager};
 #[derive(Debug)]
 pub struct ParticipantService<R> {
     runtime: Arc<Runtime<R>>,
+    /// Set by [`Self::close_streams`]; every clone shares it.
+    streams_closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl<R> ParticipantService<R> {
     pub fn new(runtime: Arc<Runtime<R>>) -> Self {
-        Self { runtime }
+        Self {
+            runtime,
+            streams_closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
+    /// Ends every `PrepareStream` once the requests under way on it are answered, and
+    /// any opened later as soon as it starts. Call it when shutting down: a coordinator
+    /// keeps its stream open for as long as it runs, and a graceful shutdown waits for
+    /// open streams to end. The coordinator then fails nothing that was answered, and
+    /// sends its next batches on a new stream (to the restarted participant).
+    pub fn close_streams(&self) {
+        self.streams_closing.send_replace(true);
     }
 }
 
@@ -29,9 +43,20 @@ impl<R> Clone for ParticipantService<R> {
     fn clone(&self) -> Self {
         Self {
             runtime: self.runtime.clone(),
+            streams_closing: self.streams_closing.clone(),
         }
     }
 }
+
+/// Prepare requests one `PrepareStream` may have under way at once; past it the stream
+/// is not read until one is answered (HTTP/2 flow control then holds the coordinator
+/// back). The same bound as concurrent calls on one connection.
+pub const MAX_STREAM_IN_FLIGHT: usize = 1024;
+
+/// The answer stream of `PrepareStream`.
+pub type PrepareAnswers = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<v1::PrepareStreamResponse, Status>> + Send>,
+>;
 
 fn txn_id(bytes: &bytes::Bytes) -> Result<TxnId, Status> {
     TxnId::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
@@ -56,6 +81,35 @@ impl<R: ResourceManager> ParticipantService<R> {
             )));
         }
         Ok(())
+    }
+
+    /// Answers one `PrepareStream` request exactly as `Prepare` would answer it.
+    async fn answer_streamed(
+        &self,
+        message: v1::PrepareStreamRequest,
+    ) -> v1::PrepareStreamResponse {
+        let id = message.id;
+        let answer = match message.request {
+            None => Err(Status::invalid_argument(
+                "a PrepareStream request without a request",
+            )),
+            Some(request) => self.prepare(Request::new(request)).await,
+        };
+        match answer {
+            Ok(response) => v1::PrepareStreamResponse {
+                id,
+                response: Some(response.into_inner()),
+                error: None,
+            },
+            Err(status) => v1::PrepareStreamResponse {
+                id,
+                response: None,
+                error: Some(v1::BranchError {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                }),
+            },
+        }
     }
 
     /// Applies one decision to every entry of a batch, concurrently, each answered on its own.
@@ -93,6 +147,47 @@ impl<R: ResourceManager> ParticipantService<R> {
 
 #[tonic::async_trait]
 impl<R: ResourceManager> Participant for ParticipantService<R> {
+    type PrepareStreamStream = PrepareAnswers;
+
+    /// Serves each request on a task of its own, as separate Prepare calls would be, and
+    /// answers it when it is done: a batch waiting on a lock holds up no other.
+    async fn prepare_stream(
+        &self,
+        request: Request<tonic::Streaming<v1::PrepareStreamRequest>>,
+    ) -> Result<Response<PrepareAnswers>, Status> {
+        let mut requests = request.into_inner();
+        let (answers, mut receiver) = tokio::sync::mpsc::channel(MAX_STREAM_IN_FLIGHT);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_IN_FLIGHT));
+        let service = self.clone();
+        let mut closing = self.streams_closing.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                // Ends when the coordinator closes its side, the stream breaks, or the
+                // participant shuts down; what is under way still finishes (its answer
+                // may find no reader).
+                let message = tokio::select! {
+                    message = requests.message() => message,
+                    _ = closing.wait_for(|closing| *closing) => break,
+                };
+                let Ok(Some(message)) = message else {
+                    break;
+                };
+                let (service, answers) = (service.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let answer = service.answer_streamed(message).await;
+                    let _ = answers.send(Ok(answer)).await;
+                    drop(permit);
+                });
+            }
+        });
+        // The answers end once the reader and every request under way are done.
+        let answers = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        Ok(Response::new(Box::pin(answers)))
+    }
+
     async fn prepare(
         &self,
         request: Request<v1::PrepareRequest>,

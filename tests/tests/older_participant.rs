@@ -23,6 +23,8 @@ struct Seen {
     prepares_with_decisions: usize,
     /// Transactions it received a Commit RPC for.
     committed: HashSet<TxnId>,
+    /// PrepareStream calls it refused.
+    stream_attempts: usize,
 }
 
 /// Votes YES to everything and acknowledges every Commit and Abort RPC, as a participant
@@ -32,6 +34,20 @@ struct OlderParticipant(Arc<Mutex<Seen>>);
 
 #[tonic::async_trait]
 impl Participant for OlderParticipant {
+    type PrepareStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::PrepareStreamResponse, Status>> + Send>,
+    >;
+
+    /// A build of the previous protocol version has no PrepareStream: gRPC answers an
+    /// unknown method with UNIMPLEMENTED, as here.
+    async fn prepare_stream(
+        &self,
+        _request: Request<tonic::Streaming<v1::PrepareStreamRequest>>,
+    ) -> Result<Response<Self::PrepareStreamStream>, Status> {
+        self.0.lock().unwrap().stream_attempts += 1;
+        Err(Status::unimplemented("PrepareStream"))
+    }
+
     async fn prepare(
         &self,
         request: Request<v1::PrepareRequest>,
@@ -178,6 +194,10 @@ async fn decisions_an_older_participant_ignores_reach_it_alone() {
         "the coordinator kept carrying decisions after they were ignored"
     );
     assert_eq!(seen.committed, executed, "every commit reached it alone");
+    assert_eq!(
+        seen.stream_attempts, 1,
+        "the coordinator tried PrepareStream once, then sent Prepare calls"
+    );
     drop(seen);
     server.abort();
 }

@@ -255,3 +255,123 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_prepare_stream_answers_each_request_by_its_id_and_refuses_a_malformed_one_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path());
+    let mut client = participant(&p.endpoint()).await.unwrap();
+    let (requests, mut outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = client
+        .prepare_stream(futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let txn = TxnId::generate();
+    let batch = |txn: TxnId| v1::PrepareRequest {
+        branches: vec![v1::PrepareBranch {
+            txn_id: txn.to_vec().into(),
+            epoch: 1,
+            payload: payload(vec![put("streamed", "yes")]),
+            incarnation: 0,
+        }],
+        ..Default::default()
+    };
+    let sent = [
+        (7, None),
+        (8, Some(v1::PrepareRequest::default())),
+        (9, Some(batch(txn))),
+    ];
+    for (id, request) in sent {
+        requests
+            .send(v1::PrepareStreamRequest { id, request })
+            .unwrap();
+    }
+    let mut by_id = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let answer = answers
+            .message()
+            .await
+            .unwrap()
+            .expect("an answer per request");
+        by_id.insert(answer.id, answer);
+    }
+    let refused = |id: u64| {
+        let answer = &by_id[&id];
+        assert!(answer.response.is_none(), "{answer:?}");
+        let error = answer.error.as_ref().expect("refused");
+        assert_eq!(error.code, tonic::Code::InvalidArgument as i32, "{error:?}");
+        error.message.clone()
+    };
+    assert!(refused(7).contains("without a request"));
+    assert!(refused(8).contains("empty batch"));
+    let prepared = by_id[&9].response.as_ref().expect("answered");
+    assert_eq!(prepared.results.len(), 1);
+    assert_eq!(prepared.results[0].vote(), v1::Vote::Yes);
+    // The refusals changed nothing; the good request prepared its branch alone.
+    let in_doubt = in_doubt(&p.endpoint()).await.unwrap();
+    assert_eq!(in_doubt.len(), 1, "{in_doubt:?}");
+    // The stream stays usable after a refusal, and ends once the coordinator's side does.
+    requests
+        .send(v1::PrepareStreamRequest {
+            id: 10,
+            request: Some(batch(TxnId::generate())),
+        })
+        .unwrap();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert_eq!(answer.id, 10);
+    let conflicting = answer.response.unwrap().results.remove(0);
+    assert_eq!(conflicting.vote(), v1::Vote::No);
+    assert!(
+        conflicting.reason.contains("lock conflict"),
+        "the first branch holds the key: {}",
+        conflicting.reason
+    );
+    drop(requests);
+    assert!(answers.message().await.unwrap().is_none());
+    assert!(decide(&p.endpoint(), txn, true).await.is_none());
+    assert_eq!(
+        get(&p.endpoint(), "streamed").await,
+        (Some("yes".into()), 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_participant_shutting_down_ends_the_prepare_stream_a_coordinator_keeps_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start(dir.path());
+    let mut client = participant(&p.endpoint()).await.unwrap();
+    let (requests, mut outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = client
+        .prepare_stream(futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx)))
+        .await
+        .unwrap()
+        .into_inner();
+    requests
+        .send(v1::PrepareStreamRequest {
+            id: 1,
+            request: Some(v1::PrepareRequest {
+                branches: vec![v1::PrepareBranch {
+                    txn_id: TxnId::generate().to_vec().into(),
+                    epoch: 1,
+                    payload: payload(vec![put("k", "v")]),
+                    incarnation: 0,
+                }],
+                ..Default::default()
+            }),
+        })
+        .unwrap();
+    assert_eq!(answers.message().await.unwrap().unwrap().id, 1);
+    // Our side stays open, as a coordinator's does: the graceful shutdown must still end.
+    let status = tokio::task::block_in_place(|| p.terminate()).expect("it was running");
+    assert!(
+        status.success(),
+        "{status:?} (killed after waiting for the stream?)\n{}",
+        p.logs()
+    );
+    assert!(
+        !matches!(answers.message().await, Ok(Some(_))),
+        "the answers ended"
+    );
+    drop(requests);
+}
