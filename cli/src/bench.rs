@@ -866,7 +866,7 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         .collect();
     println!("{}", table(&headers, table_rows));
     println!(
-        "fdatasync {:.0}/s (p50 {:.3} ms); model p50 = 3 echo round trips + 2 fdatasyncs at that concurrency; ratio = committed/s / (echo RPC/s / protocol RPCs per txn), wire ratio uses the RPCs sent after batching; peak RSS {}; coordinator RSS with {} in flight: {} MiB ({:.0} bytes per transaction)",
+        "fdatasync {:.0}/s (p50 {:.3} ms); model p50 = 3 echo round trips + 2 fdatasyncs at that concurrency; ratio = committed/s / (echo RPC/s / protocol RPCs per txn), wire ratio uses the batches sent (RPCs, or messages on a Prepare stream); peak RSS {}; coordinator RSS with {} in flight: {} MiB ({:.0} bytes per transaction)",
         fsync.0,
         fsync.1,
         peak_rss,
