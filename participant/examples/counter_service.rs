@@ -248,12 +248,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "counter participant listening on {}",
         listener.local_addr()?
     );
+    let service = ParticipantService::new(runtime);
+    let streams = service.clone();
     tonic::transport::Server::builder()
-        .add_service(ParticipantServer::new(ParticipantService::new(runtime)))
+        .add_service(ParticipantServer::new(service))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
+            async move {
                 let _ = tokio::signal::ctrl_c().await;
+                // The coordinator keeps a Prepare stream open; end it, or the graceful
+                // shutdown waits for it.
+                streams.close_streams();
             },
         )
         .await?;
