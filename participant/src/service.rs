@@ -19,6 +19,8 @@ pub struct ParticipantService<R> {
     runtime: Arc<Runtime<R>>,
     /// Set by [`Self::close_streams`]; every clone shares it.
     streams_closing: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Permits for streamed requests under way, across every stream.
+    streams_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl<R> ParticipantService<R> {
@@ -26,6 +28,7 @@ impl<R> ParticipantService<R> {
         Self {
             runtime,
             streams_closing: Arc::new(tokio::sync::watch::Sender::new(false)),
+            streams_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_IN_FLIGHT)),
         }
     }
 
@@ -44,13 +47,14 @@ impl<R> Clone for ParticipantService<R> {
         Self {
             runtime: self.runtime.clone(),
             streams_closing: self.streams_closing.clone(),
+            streams_in_flight: self.streams_in_flight.clone(),
         }
     }
 }
 
-/// Prepare requests one `PrepareStream` may have under way at once; past it the stream
-/// is not read until one is answered (HTTP/2 flow control then holds the coordinator
-/// back). The same bound as concurrent calls on one connection.
+/// Prepare requests all `PrepareStream`s of one service may have under way at once; past
+/// it no stream is read until one is answered (HTTP/2 flow control then holds the
+/// coordinator back).
 pub const MAX_STREAM_IN_FLIGHT: usize = 1024;
 
 /// The answer stream of `PrepareStream`.
@@ -157,23 +161,35 @@ impl<R: ResourceManager> Participant for ParticipantService<R> {
     ) -> Result<Response<PrepareAnswers>, Status> {
         let mut requests = request.into_inner();
         let (answers, mut receiver) = tokio::sync::mpsc::channel(MAX_STREAM_IN_FLIGHT);
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_STREAM_IN_FLIGHT));
+        let in_flight = self.streams_in_flight.clone();
         let service = self.clone();
         let mut closing = self.streams_closing.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
                 // Ends when the coordinator closes its side, the stream breaks, or the
                 // participant shuts down; what is under way still finishes (its answer
                 // may find no reader).
-                let message = tokio::select! {
-                    message = requests.message() => message,
-                    _ = closing.wait_for(|closing| *closing) => break,
+                let next = async {
+                    let permit = in_flight.clone().acquire_owned().await;
+                    (permit, requests.message().await)
                 };
-                let Ok(Some(message)) = message else {
+                let (permit, message) = tokio::select! {
+                    biased;
+                    _ = closing.wait_for(|closing| *closing) => break,
+                    next = next => next,
+                };
+                let Ok(permit) = permit else {
                     break;
+                };
+                let message = match message {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(status) => {
+                        // Undecodable or over the size limit: the coordinator learns why
+                        // (the stream cannot go on after a bad frame).
+                        let _ = answers.send(Err(status)).await;
+                        break;
+                    }
                 };
                 let (service, answers) = (service.clone(), answers.clone());
                 tokio::spawn(async move {
