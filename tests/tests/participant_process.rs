@@ -21,21 +21,39 @@ fn start(dir: &std::path::Path) -> Proc {
     )
 }
 
-async fn prepare(endpoint: &str, txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareResult {
+/// A Prepare batch of one branch of `txn` (epoch 1) doing `ops`.
+fn batch(txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareRequest {
+    v1::PrepareRequest {
+        branches: vec![v1::PrepareBranch {
+            txn_id: txn.to_vec().into(),
+            epoch: 1,
+            payload: payload(ops),
+            incarnation: 0,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Opens a PrepareStream, as a coordinator does: requests go in through the sender.
+async fn open_prepare_stream(
+    endpoint: &str,
+) -> (
+    tokio::sync::mpsc::UnboundedSender<v1::PrepareStreamRequest>,
+    tonic::Streaming<v1::PrepareStreamResponse>,
+) {
     let mut client = participant(endpoint).await.unwrap();
-    let mut response = client
-        .prepare(v1::PrepareRequest {
-            branches: vec![v1::PrepareBranch {
-                txn_id: txn.to_vec().into(),
-                epoch: 1,
-                payload: payload(ops),
-                incarnation: 0,
-            }],
-            ..Default::default()
-        })
+    let (requests, mut outgoing) = tokio::sync::mpsc::unbounded_channel();
+    let answers = client
+        .prepare_stream(futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx)))
         .await
         .unwrap()
         .into_inner();
+    (requests, answers)
+}
+
+async fn prepare(endpoint: &str, txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareResult {
+    let mut client = participant(endpoint).await.unwrap();
+    let mut response = client.prepare(batch(txn, ops)).await.unwrap().into_inner();
     response.results.remove(0)
 }
 
@@ -260,27 +278,13 @@ async fn malformed_requests_get_invalid_argument_and_change_nothing() {
 async fn the_prepare_stream_answers_each_request_by_its_id_and_refuses_a_malformed_one_alone() {
     let dir = tempfile::tempdir().unwrap();
     let p = start(dir.path());
-    let mut client = participant(&p.endpoint()).await.unwrap();
-    let (requests, mut outgoing) = tokio::sync::mpsc::unbounded_channel();
-    let mut answers = client
-        .prepare_stream(futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx)))
-        .await
-        .unwrap()
-        .into_inner();
+    let (requests, mut answers) = open_prepare_stream(&p.endpoint()).await;
     let txn = TxnId::generate();
-    let batch = |txn: TxnId| v1::PrepareRequest {
-        branches: vec![v1::PrepareBranch {
-            txn_id: txn.to_vec().into(),
-            epoch: 1,
-            payload: payload(vec![put("streamed", "yes")]),
-            incarnation: 0,
-        }],
-        ..Default::default()
-    };
+    let streamed = |txn| batch(txn, vec![put("streamed", "yes")]);
     let sent = [
         (7, None),
         (8, Some(v1::PrepareRequest::default())),
-        (9, Some(batch(txn))),
+        (9, Some(streamed(txn))),
     ];
     for (id, request) in sent {
         requests
@@ -315,7 +319,7 @@ async fn the_prepare_stream_answers_each_request_by_its_id_and_refuses_a_malform
     requests
         .send(v1::PrepareStreamRequest {
             id: 10,
-            request: Some(batch(TxnId::generate())),
+            request: Some(streamed(TxnId::generate())),
         })
         .unwrap();
     let answer = answers.message().await.unwrap().unwrap();
@@ -340,25 +344,11 @@ async fn the_prepare_stream_answers_each_request_by_its_id_and_refuses_a_malform
 async fn a_participant_shutting_down_ends_the_prepare_stream_a_coordinator_keeps_open() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = start(dir.path());
-    let mut client = participant(&p.endpoint()).await.unwrap();
-    let (requests, mut outgoing) = tokio::sync::mpsc::unbounded_channel();
-    let mut answers = client
-        .prepare_stream(futures::stream::poll_fn(move |cx| outgoing.poll_recv(cx)))
-        .await
-        .unwrap()
-        .into_inner();
+    let (requests, mut answers) = open_prepare_stream(&p.endpoint()).await;
     requests
         .send(v1::PrepareStreamRequest {
             id: 1,
-            request: Some(v1::PrepareRequest {
-                branches: vec![v1::PrepareBranch {
-                    txn_id: TxnId::generate().to_vec().into(),
-                    epoch: 1,
-                    payload: payload(vec![put("k", "v")]),
-                    incarnation: 0,
-                }],
-                ..Default::default()
-            }),
+            request: Some(batch(TxnId::generate(), vec![put("k", "v")])),
         })
         .unwrap();
     assert_eq!(answers.message().await.unwrap().unwrap().id, 1);
