@@ -463,8 +463,11 @@ impl Writer {
             };
             // Overdue unforced records go now; so does everything at close. They go after
             // the requests received: a request sent after one of them was appended would
-            // have taken it along.
-            {
+            // have taken it along. So when requests came, the unforced records left were
+            // appended after every one of them was sent; they are looked for on the next
+            // pass that receives nothing (at once if they are overdue: the wait above is
+            // then zero). That also keeps the writer off the lock its waker may still hold.
+            if batch.is_empty() || closed {
                 let mut unforced = lock_unforced(&self.unforced);
                 let overdue = unforced
                     .since

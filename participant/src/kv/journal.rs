@@ -634,9 +634,10 @@ impl Journal {
                 return Ok((seq, Durable(None)));
             }
             // Under a hold the writer learns of it when the hold ends (see `Hold`): waking
-            // it now would only put it to sleep again, beside the holder's pass.
+            // it now would only put it to sleep again, beside the holder's pass (and have
+            // it contend for this lock on the other core).
             Force::Soon => queue.soon_since.is_none() && !queue.forced && queue.holds == 0,
-            Force::Now => !queue.forced,
+            Force::Now => !queue.forced && queue.holds == 0,
         };
         match force {
             Force::Soon => {
