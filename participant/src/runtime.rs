@@ -97,11 +97,14 @@ impl PrepareAnswer {
 /// A refused phase-2 or one-phase message.
 pub type Refused = (Code, String);
 
+/// What the runtime knows of one branch: a prepared one, or the tombstone of a finished
+/// one (up to `max_tombstones` of them, so this stays small).
 #[derive(Debug)]
 struct Entry {
     state: BranchState,
     since_unix_ms: u64,
-    inquiry: Inquiry,
+    /// The termination protocol's state, for a prepared branch only.
+    inquiry: Option<Box<Inquiry>>,
 }
 
 #[derive(Debug, Default)]
@@ -168,7 +171,7 @@ impl<R: ResourceManager> Runtime<R> {
                 Entry {
                     state,
                     since_unix_ms: tombstone.finished_at_unix_ms,
-                    inquiry: Inquiry::default(),
+                    inquiry: None,
                 },
             );
         }
@@ -190,10 +193,10 @@ impl<R: ResourceManager> Runtime<R> {
                     since_unix_ms: branch.prepared_at_unix_ms,
                     // Recovered branches ask for their outcome right away: the coordinator
                     // may have decided while this node was down.
-                    inquiry: Inquiry {
+                    inquiry: Some(Box::new(Inquiry {
                         next_at: Some(Instant::now()),
                         ..Inquiry::default()
-                    },
+                    })),
                 },
             );
         }
@@ -247,14 +250,12 @@ impl<R: ResourceManager> Runtime<R> {
     fn set_state(&self, txn_id: TxnId, state: BranchState) {
         use std::sync::atomic::Ordering::Relaxed;
         let prepared = matches!(state, BranchState::Prepared { .. });
-        let inquiry = if prepared {
-            Inquiry {
+        let inquiry = prepared.then(|| {
+            Box::new(Inquiry {
                 next_at: Some(Instant::now() + self.config.termination_deadline),
                 ..Inquiry::default()
-            }
-        } else {
-            Inquiry::default()
-        };
+            })
+        });
         let now = unix_ms();
         let previous = self.lock_branches().insert(
             txn_id,
@@ -574,10 +575,10 @@ impl<R: ResourceManager> Runtime<R> {
                         digest: branch.meta.digest,
                     },
                     since_unix_ms: branch.prepared_at_unix_ms,
-                    inquiry: Inquiry {
+                    inquiry: Some(Box::new(Inquiry {
                         next_at: Some(Instant::now()),
                         ..Inquiry::default()
-                    },
+                    })),
                 }
             });
         }
@@ -594,8 +595,11 @@ impl<R: ResourceManager> Runtime<R> {
                     txn_id: *txn_id,
                     epoch,
                     prepared_at_unix_ms: e.since_unix_ms,
-                    last_inquiry: e.inquiry.last.clone(),
-                    inquiries: e.inquiry.count,
+                    last_inquiry: e
+                        .inquiry
+                        .as_ref()
+                        .map_or_else(String::new, |i| i.last.clone()),
+                    inquiries: e.inquiry.as_ref().map_or(0, |i| i.count),
                 }),
                 _ => None,
             })
@@ -649,7 +653,7 @@ impl<R: ResourceManager> Runtime<R> {
         let mut due: Vec<(Instant, TxnId, u64)> = self
             .lock_branches()
             .iter()
-            .filter_map(|(txn_id, e)| match (e.state, e.inquiry.next_at) {
+            .filter_map(|(txn_id, e)| match (e.state, e.inquiry.as_ref()?.next_at) {
                 (BranchState::Prepared { epoch, .. }, Some(at)) if at <= now => {
                     Some((at, *txn_id, epoch))
                 }
@@ -698,8 +702,10 @@ impl<R: ResourceManager> Runtime<R> {
             (Err(e), _) => e.clone(),
         };
         let mut branches = self.lock_branches();
-        if let Some(entry) = branches.get_mut(&txn_id) {
-            let inquiry = &mut entry.inquiry;
+        if let Some(inquiry) = branches
+            .get_mut(&txn_id)
+            .and_then(|e| e.inquiry.as_deref_mut())
+        {
             inquiry.count += 1;
             inquiry.last = note;
             inquiry.backoff = if inquiry.backoff.is_zero() {
