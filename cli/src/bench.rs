@@ -19,7 +19,9 @@ use serde_json::{Value, json};
 use crate::client::{self, CliError, CliResult, exit};
 use crate::output::table;
 use crate::proc::Proc;
-use crate::stack::{LocalStack, StackConfig, participant_name, worker_threads_args};
+use crate::stack::{
+    LocalStack, StackConfig, participant_name, shared_machine_worker_threads, worker_threads_args,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -68,7 +70,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Async worker threads of each process of the stack the bench starts, and of its
-    /// echo server (default: the daemons' default, one per core).
+    /// echo server (default: the machine's cores divided among the stack's processes, at
+    /// least one; with --target, the echo server's default is one per core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=ratify_coordinator::daemon::MAX_WORKER_THREADS as i64))]
     pub worker_threads: Option<u16>,
     /// The `ratify` binary to run the stack with (default: this one).
@@ -701,7 +704,13 @@ pub async fn run(args: BenchArgs) -> CliResult<u8> {
         Some(e) => e.clone(),
         None => std::env::current_exe().map_err(|e| CliError::new(exit::ERROR, e.to_string()))?,
     };
-    let worker_threads = args.worker_threads.map(usize::from);
+    // The echo server runs with the workers of each process of the stack, so that the
+    // ceiling is measured with the same settings as what it is compared with.
+    let worker_threads = args.worker_threads.map(usize::from).or_else(|| {
+        args.target
+            .is_none()
+            .then(|| shared_machine_worker_threads(usize::from(args.participants) + 1))
+    });
     let mut stack = None;
     let target = match &args.target {
         Some(coordinator) => {

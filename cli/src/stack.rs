@@ -25,7 +25,7 @@ pub struct StackConfig {
     pub stores: Vec<Option<String>>,
     /// Extra environment per participant (index), e.g. FAILPOINTS in tests.
     pub participant_env: Vec<(usize, String, String)>,
-    /// `--worker-threads` of every process (None: the daemons' default, one per core).
+    /// `--worker-threads` of every process (None: [`shared_machine_worker_threads`]).
     pub worker_threads: Option<usize>,
 }
 
@@ -43,6 +43,21 @@ fn free(port: u16) -> bool {
 
 fn listen_on(port: u16) -> String {
     format!("127.0.0.1:{}", if free(port) { port } else { 0 })
+}
+
+/// Async worker threads for each of `processes` server processes sharing this machine:
+/// its cores divided among them, at least one each.
+///
+/// A daemon alone on its machine takes one worker per core (its default). A local stack
+/// puts the coordinator and every participant on the same cores, where that default
+/// would run several times more workers than cores: each process's workers then wake one
+/// another for every message (a parked worker is woken whenever a second task becomes
+/// ready) and take turns on the same cores. Measured with `ratify bench` on 2 cores and
+/// 3 processes, alternating run by run: one worker each against two each gave a 1-client
+/// p50 of 0.66 against 0.72 ms, and 14,500 against 13,400 committed/s at 64 clients.
+pub fn shared_machine_worker_threads(processes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / processes.max(1)).max(1)
 }
 
 /// The daemons' `--worker-threads` flag for `worker_threads` (none for the default).
@@ -67,6 +82,11 @@ impl LocalStack {
         };
         std::fs::create_dir_all(&config.dir)
             .map_err(|e| format!("creating {}: {e}", config.dir.display()))?;
+        let worker_threads = Some(
+            config
+                .worker_threads
+                .unwrap_or_else(|| shared_machine_worker_threads(config.participants + 1)),
+        );
         let coordinator = Proc::try_start(
             "coordinator",
             exe.clone(),
@@ -82,7 +102,7 @@ impl LocalStack {
                 "1000".into(),
             ]
             .into_iter()
-            .chain(worker_threads_args(config.worker_threads))
+            .chain(worker_threads_args(worker_threads))
             .collect(),
             &listen_on(config.coordinator_port),
             &[],
@@ -120,7 +140,7 @@ impl LocalStack {
                 ]
                 .into_iter()
                 .chain(store)
-                .chain(worker_threads_args(config.worker_threads))
+                .chain(worker_threads_args(worker_threads))
                 .collect(),
                 &listen_on(config.participant_ports.get(i).copied().unwrap_or(0)),
                 &env,
