@@ -634,10 +634,11 @@ impl Journal {
                 return Ok((seq, Durable(None)));
             }
             // Under a hold the writer learns of it when the hold ends (see `Hold`): waking
-            // it now would only put it to sleep again, beside the holder's pass (and have
-            // it contend for this lock on the other core).
+            // it now would only put it to sleep again, beside the holder's pass.
             Force::Soon => queue.soon_since.is_none() && !queue.forced && queue.holds == 0,
-            Force::Now => !queue.forced && queue.holds == 0,
+            // Woken even under a hold: the writer must start the hold's time limit, or a
+            // hold that is never released would keep the record waiting for good.
+            Force::Now => !queue.forced,
         };
         match force {
             Force::Soon => {
