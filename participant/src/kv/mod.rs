@@ -863,11 +863,22 @@ impl ResourceManager for SledStore {
     }
 
     async fn forget(&self, txn_ids: Vec<TxnId>) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for txn_id in txn_ids {
-            batch.remove(txn_id.as_bytes().as_slice());
-        }
-        self.finished.apply_batch(batch).map_err(io)?;
+        // Once the tombstones reach their limit, a second's worth of them goes at a time
+        // (15,000 at 15,000 transactions a second). As one sled batch on an async worker
+        // they held that worker, and sled's batch lock every writer waits on, for tens of
+        // milliseconds (`ratify bench` at 64 clients: p999 about 70 ms against 16–23 ms
+        // with no tombstone dropped). One by one on a blocking thread, they share the
+        // cores with the hot path instead. Nothing here needs to be atomic or durable.
+        let finished = self.finished.clone();
+        tokio::task::spawn_blocking(move || {
+            for txn_id in txn_ids {
+                finished.remove(txn_id.as_bytes())?;
+            }
+            Ok::<(), sled::Error>(())
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("dropping tombstones: {e}")))?
+        .map_err(io)?;
         self.durability.sled_dirty.store(true, Ordering::Relaxed);
         Ok(())
     }
