@@ -377,6 +377,19 @@ pub fn add(key: &str, delta: i64, min: Option<i64>) -> v1::KvOp {
     }
 }
 
+/// A Prepare batch of one branch of `txn` (epoch 1, incarnation 0) doing `ops`.
+pub fn one_branch_batch(txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareRequest {
+    v1::PrepareRequest {
+        branches: vec![v1::PrepareBranch {
+            txn_id: txn.to_vec().into(),
+            epoch: 1,
+            payload: payload(ops),
+            incarnation: 0,
+        }],
+        ..Default::default()
+    }
+}
+
 pub fn payload(ops: Vec<v1::KvOp>) -> bytes::Bytes {
     use prost::Message;
     v1::KvOps { ops }.encode_to_vec().into()

@@ -3,7 +3,7 @@
 
 use ratify_proto::TxnId;
 use ratify_proto::v1;
-use ratify_tests::{Proc, add, binary, get, in_doubt, participant, payload, put};
+use ratify_tests::{Proc, add, binary, get, in_doubt, one_branch_batch, participant, payload, put};
 
 fn start(dir: &std::path::Path) -> Proc {
     Proc::start(
@@ -19,19 +19,6 @@ fn start(dir: &std::path::Path) -> Proc {
         &[],
         dir.join("participant.log"),
     )
-}
-
-/// A Prepare batch of one branch of `txn` (epoch 1) doing `ops`.
-fn batch(txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareRequest {
-    v1::PrepareRequest {
-        branches: vec![v1::PrepareBranch {
-            txn_id: txn.to_vec().into(),
-            epoch: 1,
-            payload: payload(ops),
-            incarnation: 0,
-        }],
-        ..Default::default()
-    }
 }
 
 /// Opens a PrepareStream, as a coordinator does: requests go in through the sender.
@@ -53,7 +40,11 @@ async fn open_prepare_stream(
 
 async fn prepare(endpoint: &str, txn: TxnId, ops: Vec<v1::KvOp>) -> v1::PrepareResult {
     let mut client = participant(endpoint).await.unwrap();
-    let mut response = client.prepare(batch(txn, ops)).await.unwrap().into_inner();
+    let mut response = client
+        .prepare(one_branch_batch(txn, ops))
+        .await
+        .unwrap()
+        .into_inner();
     response.results.remove(0)
 }
 
@@ -280,7 +271,7 @@ async fn the_prepare_stream_answers_each_request_by_its_id_and_refuses_a_malform
     let p = start(dir.path());
     let (requests, mut answers) = open_prepare_stream(&p.endpoint()).await;
     let txn = TxnId::generate();
-    let streamed = |txn| batch(txn, vec![put("streamed", "yes")]);
+    let streamed = |txn| one_branch_batch(txn, vec![put("streamed", "yes")]);
     let sent = [
         (7, None),
         (8, Some(v1::PrepareRequest::default())),
@@ -348,7 +339,7 @@ async fn a_participant_shutting_down_ends_the_prepare_stream_a_coordinator_keeps
     requests
         .send(v1::PrepareStreamRequest {
             id: 1,
-            request: Some(batch(TxnId::generate(), vec![put("k", "v")])),
+            request: Some(one_branch_batch(TxnId::generate(), vec![put("k", "v")])),
         })
         .unwrap();
     assert_eq!(answers.message().await.unwrap().unwrap().id, 1);

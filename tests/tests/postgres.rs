@@ -9,7 +9,7 @@ use ratify_proto::TxnId;
 use ratify_proto::v1;
 use ratify_tests::{
     PgServer, Stack, StackOptions, add, coordinator, coordinator_in_doubt, eventually, get,
-    in_doubt, participant, payload, put, stage,
+    in_doubt, one_branch_batch, participant, payload, put, stage,
 };
 
 fn options(pg: &PgServer) -> StackOptions {
@@ -142,18 +142,9 @@ async fn a_transfer_between_sled_and_postgres_is_atomic_and_a_postgres_no_aborts
     let mut p2 = participant(&stack.participants[1].endpoint())
         .await
         .unwrap();
-    let prepare = |txn: TxnId, ops| v1::PrepareRequest {
-        branches: vec![v1::PrepareBranch {
-            txn_id: txn.to_vec().into(),
-            epoch: 1,
-            payload: payload(ops),
-            incarnation: 0,
-        }],
-        ..Default::default()
-    };
     let holder = TxnId::generate();
     let first = p2
-        .prepare(prepare(holder, vec![put("b", "1")]))
+        .prepare(one_branch_batch(holder, vec![put("b", "1")]))
         .await
         .unwrap()
         .into_inner()
@@ -162,7 +153,7 @@ async fn a_transfer_between_sled_and_postgres_is_atomic_and_a_postgres_no_aborts
     assert_eq!(first.vote(), v1::Vote::Yes, "{first:?}");
     assert_eq!(pg.prepared().await.len(), 1);
     let second = p2
-        .prepare(prepare(TxnId::generate(), vec![add("b", 1, None)]))
+        .prepare(one_branch_batch(TxnId::generate(), vec![add("b", 1, None)]))
         .await
         .unwrap()
         .into_inner()
