@@ -448,27 +448,13 @@ pub fn main() -> std::process::ExitCode {
     main_with(Args::parse())
 }
 
-/// The multi-threaded runtime the daemon serves on, as the coordinator daemon's
-/// (`ratify_coordinator::daemon::daemon_runtime` says why the LIFO slot is off): a
-/// participant streams many answers back on one connection, and without the slot they
-/// leave together.
-fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n);
-    }
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    builder.enable_all().build()
-}
-
 /// The entry point with parsed arguments (the `ratify` CLI hosts the daemon this way).
 pub fn main_with(args: Args) -> std::process::ExitCode {
     init_tracing();
     let scenario = fail::FailScenario::setup();
     let result = (|| {
         let settings = args.settings()?;
-        runtime(settings.worker_threads)
+        ratify_proto::runtime::daemon_runtime(settings.worker_threads)
             .context("starting the tokio runtime")?
             .block_on(run(settings))
     })();

@@ -3,9 +3,14 @@
 //!
 //! Wire types stay here. Domain types with required fields made non-optional, checked
 //! on receipt with `TryFrom`, live in the crates that use them.
+//!
+//! Also what both daemons share below their services: `dial` (how a runtime opens its
+//! connections), `frame` and `segment` (the log files' framing and writing) and
+//! `runtime` (the tokio runtime they serve on).
 
 pub mod dial;
 pub mod frame;
+pub mod runtime;
 pub mod segment;
 
 #[allow(clippy::all, clippy::pedantic, missing_debug_implementations)]
